@@ -1,0 +1,1 @@
+"""Prefect flows and the `multitag` CLI: compose tasks, hold no ML logic."""

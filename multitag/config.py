@@ -1,0 +1,117 @@
+"""Settings and the parameter models of the flows.
+
+Why pydantic: the same models validate CLI arguments, Prefect deployment parameters (the UI
+renders a form from them) and library calls, so a bad value fails at the door with a message
+naming the field. Settings are read from the environment when asked for, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PASCAL_2007_URL = "https://s3.amazonaws.com/fast-ai-imagelocal/pascal_2007.tgz"
+
+
+def default_home() -> str:
+    """MULTITAG_HOME, else ~/.multitag: a local path or an fsspec URL such as s3://bucket/prefix."""
+    env = os.environ.get("MULTITAG_HOME")
+    if env:
+        return env
+    return str(Path.home() / ".multitag")
+
+
+class Settings(BaseModel):
+    """Where everything lives; built from the environment by `get_settings()`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    home: str = Field(description="Storage root (local path or s3://...) for datasets, models, tags.")
+
+    @property
+    def datasets(self) -> str:
+        from multitag.storage import join
+
+        return join(self.home, "datasets")
+
+    @property
+    def models(self) -> str:
+        from multitag.storage import join
+
+        return join(self.home, "models")
+
+    @property
+    def tags(self) -> str:
+        from multitag.storage import join
+
+        return join(self.home, "tags")
+
+
+def get_settings(home: str | None = None) -> Settings:
+    return Settings(home=home or default_home())
+
+
+class TrainParams(BaseModel):
+    """How to train one model. Defaults suit real photos (PASCAL); the shapes demo overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field("resnet34", description="torchvision name (resnet18/34/50...), a timm name, "
+                      "or 'shapes_cnn' (small full-resolution CNN for the synthetic dataset).")
+    pretrained: bool = Field(True, description="Start from ImageNet weights (must be on disk offline).")
+    img_size: int = Field(224, ge=16, le=1024)
+    batch_size: int = Field(64, ge=1, le=4096)
+    epochs: int = Field(5, ge=1, le=1000)
+    freeze_epochs: int = Field(1, ge=0, le=100, description="Head-only epochs before unfreezing "
+                               "(pretrained models only).")
+    lr: float | None = Field(3e-3, gt=0, description="Peak learning rate; None runs lr_find.")
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_valid_images: int | None = Field(None, ge=1, description="Cap validation size (speed).")
+
+
+class ThresholdParams(BaseModel):
+    """How per-label thresholds are chosen on validation predictions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: Literal["f1", "accuracy", "precision_at_recall", "recall_at_precision"] = "f1"
+    policy: Literal["global", "per_label", "shrunk"] = "shrunk"
+    min_positives: int = Field(20, ge=1, description="Labels with fewer validation positives "
+                               "use the global threshold.")
+    precision_target: float = Field(0.9, gt=0, le=1)
+
+
+class RetrainParams(BaseModel):
+    """Parameters of the retrain flow (and `multitag retrain`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(PASCAL_2007_URL, description="Dataset archive URL, local archive, or folder "
+                      "in the PASCAL_2007 layout (train/, train.csv).")
+    train: TrainParams = Field(default_factory=TrainParams)
+    thresholds: ThresholdParams = Field(default_factory=ThresholdParams)
+    promote_metric: Literal["mAP", "accuracy_multi", "f1_micro", "f1_macro"] = "mAP"
+    force_promote: bool = False
+    home: str | None = Field(None, description="Storage root; default MULTITAG_HOME.")
+
+
+class TagParams(BaseModel):
+    """Parameters of the tag flow (and `multitag tag`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Folder or prefix of images: /path, file://, s3://bucket/prefix.")
+    out: str | None = Field(None, description="Output root for Parquet; default MULTITAG_HOME/tags.")
+    dataset_name: str | None = Field(None, description="Name under out/; default from the source.")
+    model_version: str | None = Field(None, description="Registry version; default the champion.")
+    batch_size: int = Field(64, ge=1, le=4096)
+    shard_size: int = Field(1000, ge=1, le=1_000_000, description="Images per Parquet shard (one task each).")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    max_concurrency: int = Field(1, ge=1, le=256, description="Shards tagged at once on this machine.")
+    dask_address: str | None = Field(None, description="Dask scheduler to fan shards out to.")
+    dask_local_workers: int | None = Field(None, ge=1, le=256, description="Start a local Dask cluster.")
+    home: str | None = Field(None, description="Registry root; default MULTITAG_HOME.")

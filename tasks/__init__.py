@@ -1,0 +1,1 @@
+"""Thin Prefect @task wrappers over the `multitag` library."""

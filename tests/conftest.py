@@ -1,0 +1,36 @@
+"""Shared test set-up: offline, quiet, CPU-friendly, never touching the user's ~/.multitag."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports torch or prefect (pytest imports conftest first).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test gets its own MULTITAG_HOME so no test reads another's models or datasets."""
+    home = tmp_path_factory.mktemp("multitag-home")
+    monkeypatch.setenv("MULTITAG_HOME", str(home))
+    return home
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where torch sees a CUDA device."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible to torch)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
