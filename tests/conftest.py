@@ -19,6 +19,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Each test gets its own MULTITAG_HOME so no test reads another's models or datasets."""
     home = tmp_path_factory.mktemp("multitag-home")
     monkeypatch.setenv("MULTITAG_HOME", str(home))
+    monkeypatch.setenv("MULTITAG_CACHE_DIR", str(tmp_path_factory.mktemp("multitag-cache")))
+    monkeypatch.setenv("MULTITAG_STAGING", str(tmp_path_factory.mktemp("multitag-staging")))
     return home
 
 

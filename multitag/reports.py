@@ -1,0 +1,357 @@
+"""A model's report: one markdown page and the PNG plots it embeds.
+
+Why files and not only Prefect artifacts: the report travels inside the registry version
+(report.md + PNGs next to model.pkl), so whoever finds a model later, on any storage, can read
+how it was trained and how its thresholds behave without Prefect or the training run.
+
+Plots are drawn on `matplotlib.figure.Figure` with an Agg canvas: no pyplot, so no global
+backend state is touched and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+REPORT_FILE = "report.md"
+CURVES_PNG = "threshold_curves.png"
+AP_PNG = "per_label_ap.png"
+
+# Headline rows, in reading order; only those present in the evaluation are shown.
+HEADLINE = (
+    ("accuracy_multi", "accuracy_multi (image x label decisions right)"),
+    ("mAP", "mAP (mean per-label average precision)"),
+    ("f1_micro", "F1 micro"),
+    ("f1_macro", "F1 macro"),
+    ("precision_micro", "precision micro"),
+    ("recall_micro", "recall micro"),
+    ("precision_macro", "precision macro"),
+    ("recall_macro", "recall macro"),
+    ("exact_match", "exact match (all labels of an image right)"),
+    ("none_rate", "no-label rate (images given no label)"),
+    ("true_none_rate", "true no-label rate (images with no label)"),
+    ("none_correct_rate", "no-label correct (when given)"),
+    ("none_recall", "no-label recall"),
+    ("n_images", "images"),
+    ("n_labels_without_positives", "labels without positives"),
+)
+_CURVE_SERIES = (
+    ("accuracy_multi", "accuracy_multi"),
+    ("f1_micro", "F1 micro"),
+    ("precision_micro", "precision micro"),
+    ("recall_micro", "recall micro"),
+)
+
+
+class ReportError(ValueError):
+    """The inputs lack what the report is built from (the message names the key)."""
+
+
+def build_model_report(
+    metrics: Mapping[str, Any], thresholds: Mapping[str, Any], evaluation: Mapping[str, Any]
+) -> dict[str, bytes]:
+    """report.md, threshold_curves.png and per_label_ap.png, as {file name: bytes}.
+
+    metrics (metrics.json, see `registry.register_model`); all optional here:
+      test, test_best_global ({"threshold", accuracy_multi, ...}), params, dataset, contract,
+      library_versions, wall_time_s, device, n_train, n_valid, history (list of per-epoch
+      dicts), created_at.
+    thresholds (`ThresholdSet.to_json()`); required: vocab, global_threshold, per_label and
+      curves = {"thresholds": [grid], "global": {accuracy_multi, f1_micro, precision_micro,
+      recall_micro: [one per grid point]}, "per_label": {label: {f1, ...}}}; optional:
+      objective, policy, global_sweep, label_details ({label: {"source": ...}}), support.
+    evaluation (`Evaluation.to_dict()` on validation with the chosen thresholds); required:
+      per_label = {label: {support, ap, f1, precision, recall, threshold}}; headline keys as
+      in HEADLINE. Undefined ratios are None (NaN) and print as "n/a".
+    """
+    _require(thresholds, ("vocab", "global_threshold", "per_label", "curves"), "thresholds")
+    _require(thresholds["curves"], ("thresholds", "global"), "thresholds['curves']")
+    _require(evaluation, ("per_label",), "evaluation")
+    markdown = render_markdown(metrics, thresholds, evaluation)
+    return {
+        REPORT_FILE: markdown.encode("utf-8"),
+        CURVES_PNG: plot_threshold_curves(thresholds),
+        AP_PNG: plot_per_label_ap(evaluation, thresholds["vocab"]),
+    }
+
+
+def _require(mapping: Mapping[str, Any], keys: Iterable[str], what: str) -> None:
+    if not isinstance(mapping, Mapping):
+        raise ReportError(f"{what} must be a dict, got {type(mapping).__name__}")
+    if missing := [k for k in keys if k not in mapping]:
+        raise ReportError(f"{what} lacks {missing}; cannot build the model report")
+
+
+# ------------------------------------------------------------------------------ markdown
+
+
+def fmt(value: Any) -> str:
+    """One table cell: 4 decimals for ratios, n/a for undefined, pipes escaped."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, Mapping | list | tuple):
+        value = json.dumps(value, default=str)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            rows += _flatten(value, f"{name}.")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def render_markdown(
+    metrics: Mapping[str, Any], thresholds: Mapping[str, Any], evaluation: Mapping[str, Any]
+) -> str:
+    sections = [
+        "# Model report",
+        _headline_section(metrics, evaluation),
+        _test_comparison_section(metrics),
+        _thresholds_section(thresholds),
+        _per_label_section(thresholds, evaluation),
+        "## Plots\n\n"
+        f"![Threshold curves]({CURVES_PNG})\n\n![Per-label average precision]({AP_PNG})",
+        _training_section(metrics),
+        _key_value_section("Dataset", metrics.get("dataset")),
+        _key_value_section("Data contract", metrics.get("contract")),
+        _key_value_section("Library versions", metrics.get("library_versions")),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _headline_section(metrics: Mapping[str, Any], evaluation: Mapping[str, Any]) -> str:
+    test = metrics.get("test") if isinstance(metrics.get("test"), Mapping) else None
+    header = ["Metric", "Validation"] + (["Test (held out)"] if test else [])
+    rows = []
+    for key, label in HEADLINE:
+        if key in evaluation:
+            rows.append([label, evaluation[key]] + ([test.get(key)] if test else []))
+    intro = "Validation figures use the selected thresholds (the split they were chosen on)"
+    if test:
+        intro += "; test figures use the same thresholds on images never used for choosing"
+    return f"## Headline metrics\n\n{intro}.\n\n" + table(header, rows)
+
+
+def _test_comparison_section(metrics: Mapping[str, Any]) -> str:
+    """Selected thresholds vs the best single global threshold picked on test itself."""
+    best, test = metrics.get("test_best_global"), metrics.get("test")
+    if not isinstance(best, Mapping) or not isinstance(test, Mapping):
+        return ""
+    keys = [k for k, _ in HEADLINE if k in best and k in test]
+    rows = [[k, test[k], best[k]] for k in keys]
+    return (
+        "## Held-out test: selected vs best global threshold\n\n"
+        f"The best single global threshold chosen on the test set itself "
+        f"({fmt(best.get('threshold'))}) is an upper bound for any global threshold.\n\n"
+        + table(["Metric", "Selected thresholds", "Best global (oracle)"], rows)
+    )
+
+
+def _thresholds_section(thresholds: Mapping[str, Any]) -> str:
+    rows = [
+        ["objective", thresholds.get("objective")],
+        ["policy", thresholds.get("policy")],
+        ["global threshold", thresholds["global_threshold"]],
+    ]
+    sweep = thresholds.get("global_sweep") or {}
+    for key in ("accuracy_multi", "f1_micro"):
+        if isinstance(sweep.get(key), Mapping):
+            best = sweep[key]
+            rows.append(
+                [
+                    f"best {key} on the global sweep",
+                    f"{fmt(best.get('value'))} at {fmt(best.get('threshold'))}",
+                ]
+            )
+    return "## Thresholds\n\nA label is predicted when its score is above its threshold.\n\n" + (
+        table(["Setting", "Value"], rows)
+    )
+
+
+def _per_label_section(thresholds: Mapping[str, Any], evaluation: Mapping[str, Any]) -> str:
+    per_label = evaluation["per_label"]
+    details = thresholds.get("label_details") or {}
+    rows = []
+    for label in _labels(thresholds["vocab"], per_label):
+        m = per_label.get(label) or {}
+        threshold = m.get("threshold", thresholds["per_label"].get(label))
+        source = (details.get(label) or {}).get("source")
+        rows.append(
+            [
+                label,
+                m.get("support"),
+                m.get("ap"),
+                m.get("f1"),
+                m.get("precision"),
+                m.get("recall"),
+                threshold,
+                source,
+            ]
+        )
+    header = ["Label", "Support", "AP", "F1", "Precision", "Recall", "Threshold", "Source"]
+    return "## Per label (validation)\n\n" + table(header, rows)
+
+
+def _labels(vocab: Sequence[str], per_label: Mapping[str, Any]) -> list[str]:
+    """Vocab order first, then any evaluated label the vocab lacks (should not happen)."""
+    return list(vocab) + [label for label in per_label if label not in vocab]
+
+
+def _training_section(metrics: Mapping[str, Any]) -> str:
+    facts = [
+        [name, metrics[key]]
+        for key, name in (
+            ("device", "device"),
+            ("wall_time_s", "wall time (s)"),
+            ("n_train", "training images"),
+            ("n_valid", "validation images"),
+            ("created_at", "created at"),
+        )
+        if key in metrics
+    ]
+    params = metrics.get("params")
+    rows = facts + (_flatten(params) if isinstance(params, Mapping) else [])
+    if not rows:
+        return ""
+    out = "## Training\n\n" + table(["Parameter", "Value"], rows)
+    history = metrics.get("history")
+    if isinstance(history, list) and history and isinstance(history[0], Mapping):
+        columns = list(history[0])
+        out += "\n\n### History\n\n" + table(
+            columns, [[h.get(c) for c in columns] for h in history]
+        )
+    return out
+
+
+def _key_value_section(title: str, mapping: Any) -> str:
+    if not isinstance(mapping, Mapping) or not mapping:
+        return ""
+    return f"## {title}\n\n" + table(["Key", "Value"], _flatten(mapping))
+
+
+# --------------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _floats(values: Sequence[Any]) -> Any:
+    import numpy as np
+
+    return np.array([math.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def plot_threshold_curves(thresholds: Mapping[str, Any]) -> bytes:
+    """Left: the global sweep (fastbook) with the chosen global threshold marked. Right: each
+    label's F1 curve with a dot at its own chosen threshold."""
+    curves = thresholds["curves"]
+    grid = _floats(curves["thresholds"])
+    per_label_curves = curves.get("per_label") or {}
+    fig = _figure(12 if per_label_curves else 6.5, 4.5)
+    axes = fig.subplots(1, 2 if per_label_curves else 1, squeeze=False)[0]
+
+    ax = axes[0]
+    for key, name in _CURVE_SERIES:
+        if key in curves["global"]:
+            ax.plot(grid, _floats(curves["global"][key]), label=name)
+    chosen = float(thresholds["global_threshold"])
+    ax.axvline(chosen, color="black", linestyle="--", label=f"chosen global {chosen:.3f}")
+    ax.set(
+        title="Global threshold sweep (validation)",
+        xlabel="threshold",
+        ylabel="score",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    ax.legend(loc="lower left", fontsize="small")
+    ax.grid(alpha=0.3)
+
+    if per_label_curves:
+        ax = axes[1]
+        for label in _labels(thresholds["vocab"], per_label_curves):
+            f1 = per_label_curves.get(label, {}).get("f1")
+            if f1 is None:
+                continue
+            (line,) = ax.plot(grid, _floats(f1), linewidth=1, label=label)
+            t = thresholds["per_label"].get(label)
+            if t is not None:
+                ax.plot([t], [_interp(grid, _floats(f1), float(t))], "o", color=line.get_color())
+        ax.set(
+            title="Per-label F1 (dot: chosen threshold)",
+            xlabel="threshold",
+            ylabel="F1",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+        )
+        ax.legend(loc="lower left", fontsize="x-small", ncols=2)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _interp(grid: Any, values: Any, x: float) -> float:
+    import numpy as np
+
+    ok = np.isfinite(values)
+    if not ok.any():
+        return math.nan
+    return float(np.interp(x, grid[ok], values[ok]))
+
+
+def plot_per_label_ap(evaluation: Mapping[str, Any], vocab: Sequence[str]) -> bytes:
+    """Horizontal bars of validation AP per label, annotated with support; n/a for no positives."""
+    per_label = evaluation["per_label"]
+    labels = _labels(vocab, per_label)
+    ap = _floats([(per_label.get(label) or {}).get("ap") for label in labels])
+    fig = _figure(7, max(2.5, 0.35 * len(labels) + 1.2))
+    ax = fig.subplots()
+    y = list(range(len(labels)))
+    ax.barh(y, [0 if math.isnan(v) else v for v in ap], color="tab:blue")
+    for i, (label, value) in enumerate(zip(labels, ap, strict=True)):
+        support = (per_label.get(label) or {}).get("support")
+        text = "n/a" if math.isnan(value) else f"{value:.3f}"
+        ax.text(
+            min(value, 1.0) if not math.isnan(value) else 0.01,
+            i,
+            f" {text} (n={support})",
+            va="center",
+            fontsize="small",
+        )
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    mean_ap = evaluation.get("mAP")
+    title = "Average precision per label (validation)"
+    if isinstance(mean_ap, int | float):
+        title += f", mAP {mean_ap:.3f}"
+    ax.set(title=title, xlabel="average precision", xlim=(0, 1.25))
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
