@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import socket
 import tempfile
-import uuid
+import time
 from typing import Any
 
 import fsspec
@@ -88,7 +89,7 @@ def write_bytes_atomic(uri: str, data: bytes, *, exclusive: bool = False) -> Non
 def _write_local_atomic(path: str, data: bytes, *, exclusive: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{uuid.uuid4().hex[:8]}", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -101,6 +102,64 @@ def _write_local_atomic(path: str, data: bytes, *, exclusive: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _temp_prefix() -> str:
+    """`.tmp-<pid>-<host>-`: lets a later run tell a dead writer's leftovers from a live one's."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{socket.gethostname()}-"
+
+
+def remove_stale_temp_files(folder_uri: str, *, max_age_s: float = 86_400.0) -> list[str]:
+    """Delete temp files that a killed writer left in a local folder; returns what was removed.
+
+    A SIGKILL between the temp write and the rename leaves `.tmp-*` behind. A file is stale
+    when its writer (pid on this host) is gone, or, for other hosts sharing the folder, when
+    it is older than `max_age_s`. Object stores need nothing: an unfinished PUT leaves no
+    object. Live writers' temp files are never touched.
+    """
+    fs, path = fs_and_path(folder_uri)
+    if "file" not in _protocols(fs) or not os.path.isdir(path):
+        return []
+    removed = []
+    host, now = socket.gethostname(), time.time()
+    for entry in os.scandir(path):
+        if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        old = now - entry.stat(follow_symlinks=False).st_mtime >= max_age_s
+        if not old and not _temp_writer_dead(entry.name, host):
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # another cleaner or the writer itself got there first
+        removed.append(entry.path)
+    return removed
+
+
+def _temp_owner(name: str) -> tuple[int | None, str | None]:
+    rest = name[len(TEMP_PREFIX) :]
+    pid_text, _, host_rand = rest.partition("-")
+    host, sep, _rand = host_rand.rpartition("-")
+    if not pid_text.isdigit() or not sep:
+        return None, None
+    return int(pid_text), host
+
+
+def _temp_writer_dead(name: str, host: str) -> bool:
+    """True only when we can tell: the writer ran on this host and its pid is gone."""
+    pid, owner_host = _temp_owner(name)
+    if pid is None or owner_host != host:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, owned by another user
+    return False
 
 
 def write_json_atomic(uri: str, obj: Any, *, exclusive: bool = False) -> None:

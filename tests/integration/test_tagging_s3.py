@@ -1,0 +1,203 @@
+"""Tagging an s3:// prefix into s3:// Parquet, against moto's S3 server (real HTTP, real s3fs).
+
+The server runs the way s3fs tests itself: `ThreadedMotoServer` on 127.0.0.1 and a free
+port, reached through AWS_ENDPOINT_URL with dummy credentials. Everything goes through the
+same fsspec code path as production: paginated listing, concurrent object reads, exclusive
+creates (If-None-Match) for claim files and shards, and pyarrow reading the result back.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+import pytest
+
+from multitag import tagging
+from multitag.config import TagParams
+from multitag.storage import write_bytes_atomic
+from multitag.tagging import list_images, plan_run, tag_shard, tag_source, validate_tags_table
+from tests.tagging_helpers import (
+    TinyModel,
+    hostile_files,
+    register_tiny_model,
+    shape_images,
+)
+
+pytestmark = pytest.mark.slow  # a model to train and an S3 server to start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, str]]:
+    """An s3fs filesystem on the moto server and a fresh bucket."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    bucket = f"multitag-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield fs, bucket
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    root = tmp_path_factory.mktemp("tiny-model-s3")
+    return register_tiny_model(root / "home", root / "work")
+
+
+def upload_images(fs: Any, prefix: str, n: int, *, seed: int = 0) -> list[str]:
+    uris = []
+    for i, data in enumerate(shape_images(n, seed=seed)):
+        key = f"{prefix}/{'sub/' if i % 3 == 0 else ''}img_{seed}_{i:04d}.jpg"
+        fs.pipe(key, data)
+        uris.append(f"s3://{key}")
+    return sorted(uris)
+
+
+def params(tiny: TinyModel, source: str, out: str, **kw: object) -> TagParams:
+    base: dict[str, object] = {
+        "home": str(tiny.home),
+        "out": out,
+        "shard_size": 8,
+        "batch_size": 4,
+        "decode_workers": 1,
+    }
+    return TagParams(source=source, **{**base, **kw})
+
+
+def read_partition(fs: Any, uri: str):  # -> pyarrow.Table
+    return pads.dataset(uri.removeprefix("s3://"), filesystem=fs, format="parquet").to_table()
+
+
+def test_listing_is_paginated_sorted_and_filtered(
+    s3: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs, bucket = s3
+    expected = upload_images(fs, f"{bucket}/photos", 20)
+    fs.pipe(f"{bucket}/photos/notes.txt", b"not an image")
+    fs.pipe(f"{bucket}/photos/UPPER.PNG", b"x")
+    fs.pipe(f"{bucket}/photos-elsewhere/img.jpg", b"x")  # shares the string prefix only
+    expected = sorted([*expected, f"s3://{bucket}/photos/UPPER.PNG"])
+
+    pages: list[int] = []
+    real_call = type(fs).call_s3
+
+    def small_pages(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "list_objects_v2":
+            kwargs["MaxKeys"] = 7
+            pages.append(1)
+        return real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "call_s3", small_pages)
+    assert list(list_images(f"s3://{bucket}/photos")) == expected
+    assert len(pages) == 4  # 22 objects, 7 per page
+
+
+def test_missing_prefix_is_an_error(s3: tuple[Any, str]) -> None:
+    _, bucket = s3
+    with pytest.raises(FileNotFoundError, match="no objects under"):
+        list_images(f"s3://{bucket}/typo")
+
+
+def test_tag_s3_prefix_into_s3_parquet_and_resume(tiny: TinyModel, s3: tuple[Any, str]) -> None:
+    fs, bucket = s3
+    uris = upload_images(fs, f"{bucket}/photos", 18)
+    for name, (data, _) in hostile_files().items():
+        fs.pipe(f"{bucket}/photos/hostile/{name}", data)
+    n_total = len(uris) + len(hostile_files())
+    out = f"s3://{bucket}/tags"
+
+    first = tag_source(params(tiny, f"s3://{bucket}/photos", out))
+
+    assert first.output_uri == f"{out}/photos/model={tiny.version}"
+    assert (first.listed, first.tagged + first.failed) == (n_total, n_total)
+    assert first.failed == sum(1 for _, kind in hostile_files().values() if kind)
+    table = read_partition(fs, first.output_uri)
+    assert sorted(table.column("image_uri").to_pylist()) == sorted(
+        [*uris, *(f"s3://{bucket}/photos/hostile/{n}" for n in hostile_files())]
+    )
+    assert validate_tags_table(table, model_version=tiny.version) == []
+    assert fs.exists(first.manifest_uri)
+
+    again = tag_source(params(tiny, f"s3://{bucket}/photos", out))
+    assert (again.tagged, again.failed, again.skipped) == (0, 0, n_total)
+
+    more = upload_images(fs, f"{bucket}/photos/new", 5, seed=7)
+    grown = tag_source(params(tiny, f"s3://{bucket}/photos", out))
+    assert (grown.tagged, grown.skipped) == (5, n_total)
+    table = read_partition(fs, grown.output_uri)
+    assert table.num_rows == n_total + len(more)
+    assert validate_tags_table(table) == []
+
+
+def test_exclusive_create_on_s3(s3: tuple[Any, str]) -> None:
+    fs, bucket = s3
+    write_bytes_atomic(f"s3://{bucket}/x/part.bin", b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        write_bytes_atomic(f"s3://{bucket}/x/part.bin", b"second", exclusive=True)
+    assert fs.cat(f"{bucket}/x/part.bin") == b"first"
+
+
+def test_racing_runs_on_s3_claim_and_write_each_image_once(
+    tiny: TinyModel, s3: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/photos", 12)
+    p = params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags")
+    a = plan_run(p, run_id="A")
+    with monkeypatch.context() as m:
+        m.setattr(tagging, "_list_epochs", lambda plans: [])  # B planned before A's claim landed
+        b = plan_run(p, run_id="B")
+    assert (a.epoch, b.epoch, b.n_new) == (1, None, 0)
+    assert sorted(s.shard_id for s in b.shards) == sorted(s.shard_id for s in a.shards)
+
+    tagger = tagging.tagger_for(p, a.model_version)
+    first = tag_shard(a.shards[0], tagger)
+    with monkeypatch.context() as m:
+        m.setattr(tagging, "_fresh_exists", lambda uri: False)  # raced past the existence check
+        late = tag_shard(b.shards[-1], tagger)  # B does A's first shard too (reverse order)
+    assert (first.status, late.status) == ("written", "lost_race")
+    rest = [tag_shard(s, tagger) for s in b.shards]
+    assert [r.status for r in rest] == ["written", "exists"]
+    table = read_partition(fs, a.partition_uri)
+    assert table.num_rows == 12 and validate_tags_table(table) == []
+
+
+def test_duckdb_style_glob_does_not_pick_up_claim_files(
+    tiny: TinyModel, s3: tuple[Any, str], tmp_path: Path
+) -> None:
+    """Claim files live outside the model partition and are not .parquet."""
+    fs, bucket = s3
+    upload_images(fs, f"{bucket}/photos", 3)
+    summary = tag_source(params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags"))
+    parquet = fs.glob(f"{bucket}/tags/photos/**/*.parquet")
+    assert parquet and all("/model=" in p and "/_plans/" not in p for p in parquet)
+    assert fs.glob(f"{bucket}/tags/photos/_plans/model={summary.model_version}/epoch-*.arrow")
