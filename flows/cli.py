@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_validate(sub)
+    _add_retrain(sub)
+    _add_tag(sub)
+    _add_models(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -84,6 +88,252 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_FAILED
+
+
+def _add_retrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrain",
+        help="run the retrain flow: acquire, validate, train, thresholds, register, gate",
+        description="Train a candidate model on a dataset (archive URL, local archive, or folder "
+        "in the PASCAL_2007 layout) through the Prefect retrain flow; it becomes champion only "
+        "if it beats the current one. Exit 1 if the flow fails (e.g. a broken data contract).",
+    )
+    p.add_argument("--data", metavar="URL_OR_DIR", help="default: fastai URLs.PASCAL_2007")
+    p.add_argument("--arch", help="resnet18/34/50..., a timm name, or shapes_cnn")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (omit with --lr-find)")
+    p.add_argument("--lr-find", action="store_true", help="pick the learning rate with lr_find")
+    p.add_argument("--no-pretrained", action="store_true", help="random init (no ImageNet weights)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold-policy", choices=["global", "per_label", "shrunk"])
+    p.add_argument("--force-promote", action="store_true", help="make it champion regardless")
+    p.add_argument("--home", help="storage root (default MULTITAG_HOME)")
+    p.set_defaults(func=_cmd_retrain)
+
+
+def _retrain_params(args: argparse.Namespace):  # -> RetrainParams (lazy import)
+    from multitag.config import RetrainParams
+
+    train = {
+        k: v
+        for k, v in {
+            "arch": args.arch,
+            "epochs": args.epochs,
+            "img_size": args.img_size,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "device": args.device,
+        }.items()
+        if v is not None
+    }
+    if args.lr_find:
+        train["lr"] = None
+    if args.no_pretrained:
+        train["pretrained"] = False
+    data: dict = {"train": train, "force_promote": args.force_promote, "home": args.home}
+    if args.data:
+        data["data"] = args.data
+    if args.threshold_policy:
+        data["thresholds"] = {"policy": args.threshold_policy}
+    return RetrainParams.model_validate(data)
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        params = _retrain_params(args)
+    except ValidationError as e:
+        print(f"multitag retrain: bad parameters:\n{e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    _prepare_runtime()
+    from flows.retrain import retrain
+
+    state = retrain(params, return_state=True)
+    if not state.is_completed():
+        print(
+            f"multitag retrain: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr
+        )
+        return EXIT_FAILED
+    result = state.result()
+    d = result["decision"]
+    print(f"model {result['version']} registered under {result['home']}/models")
+    print(f"promotion: {'PROMOTED' if d.get('promoted') else 'kept champion'} ({d.get('reason')})")
+    return EXIT_OK
+
+
+def _add_tag(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tag",
+        help="run the tag flow: tag every image under SOURCE into Parquet, exactly once",
+        description="Tag the images under SOURCE (folder or s3:// prefix) with the champion "
+        "model (or --model VERSION) and write Parquet shards + a manifest under OUT. Rerunning "
+        "tags only images not yet in finished shards.",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--out", help="output root (default MULTITAG_HOME/tags)")
+    p.add_argument("--model", dest="model_version", metavar="VERSION")
+    p.add_argument("--name", dest="dataset_name", help="dataset name under OUT")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--shard-size", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"])
+    p.add_argument("--concurrency", dest="max_concurrency", type=int)
+    p.add_argument("--dask-address", help="tcp://host:8786 of a Dask scheduler")
+    p.add_argument("--dask-local-workers", type=int, help="start a local Dask cluster")
+    p.add_argument("--home", help="registry root (default MULTITAG_HOME)")
+    p.set_defaults(func=_cmd_tag)
+
+
+def _cmd_tag(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from multitag.config import TagParams
+
+    names = (
+        "source",
+        "out",
+        "model_version",
+        "dataset_name",
+        "batch_size",
+        "shard_size",
+        "precision",
+        "max_concurrency",
+        "dask_address",
+        "dask_local_workers",
+        "home",
+    )
+    try:
+        params = TagParams.model_validate(
+            {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+        )
+    except ValidationError as e:
+        print(f"multitag tag: bad parameters:\n{e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    _prepare_runtime()
+    from flows.tag import tag_images
+
+    state = tag_images(params, return_state=True)
+    if not state.is_completed():
+        print(f"multitag tag: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr)
+        return EXIT_FAILED
+    s = state.result()
+    rate = f"{s['images_per_s']:.1f} images/s" if s["images_per_s"] else "nothing new to tag"
+    print(
+        f"tagged {s['tagged']}, failed {s['failed']}, skipped {s['skipped']} ({rate}) "
+        f"with model {s['model_version']}\noutput: {s['output']}\nmanifest: {s['manifest']}"
+    )
+    if s["drift_flagged"]:
+        print(f"DRIFT: label rates moved for {', '.join(s['drift_flagged'])} (see the manifest)")
+    return EXIT_OK
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list, show and promote registered model versions")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    ls = msub.add_parser("list", help="every version, newest first, with its metrics")
+    ls.set_defaults(func=_cmd_models_list)
+    show = msub.add_parser("show", help="metrics, thresholds and files of one version")
+    show.add_argument("version", metavar="VERSION")
+    show.set_defaults(func=_cmd_models_show)
+    promote = msub.add_parser("promote", help="make VERSION the champion (recorded, forced)")
+    promote.add_argument("version", metavar="VERSION")
+    promote.set_defaults(func=_cmd_models_promote)
+    for q in (ls, show, promote):
+        q.add_argument("--home", help="storage root (default MULTITAG_HOME)")
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from multitag import registry
+
+    rows = registry.list_versions(args.home)
+    if not rows:
+        print("no model versions yet: run `multitag retrain` (or `make demo`) first")
+        return EXIT_OK
+    for r in rows:
+        mark = "*" if r.get("is_champion") else " "
+        state = "" if r.get("complete", True) else "  INCOMPLETE"
+        metrics = "  ".join(
+            f"{k}={v:.4f}" for k, v in (r.get("metrics") or {}).items() if isinstance(v, float)
+        )
+        print(f"{mark} {r['version']}  {r.get('created') or '-'}  {metrics}{state}")
+    return EXIT_OK
+
+
+def _cmd_models_show(args: argparse.Namespace) -> int:
+    import json
+
+    from multitag import registry
+
+    try:
+        info = registry.show_version(args.home, args.version)
+    except registry.RegistryError as e:
+        print(f"multitag models show: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(json.dumps(info, indent=2, default=str))
+    return EXIT_OK
+
+
+def _cmd_models_promote(args: argparse.Namespace) -> int:
+    from multitag import registry
+
+    try:
+        decision = registry.promote(args.home, args.version)
+    except registry.RegistryError as e:
+        print(f"multitag models promote: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"champion: {args.version} ({decision.reason})")
+    return EXIT_OK
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="offline end to end: shapes dataset -> retrain -> tag, on Prefect's local server",
+    )
+    p.add_argument("--images", type=int, help="labelled images to generate (default 2000)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--home", help="storage root (default MULTITAG_HOME)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from multitag.config import DemoParams
+
+    data = {"n_images": args.images, "epochs": args.epochs, "home": args.home}
+    params = DemoParams.model_validate({k: v for k, v in data.items() if v is not None})
+    _prepare_runtime()
+    from flows.demo import demo, print_demo_summary
+
+    state = demo(params, return_state=True)
+    if not state.is_completed():
+        print(f"multitag demo: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr)
+        return EXIT_FAILED
+    print_demo_summary(state.result())
+    return EXIT_OK
+
+
+def _prepare_runtime() -> None:
+    """Environment for torch and an offline Prefect, set before either is imported."""
+    import os
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from multitag.runtime import configure_cpu_runtime
+
+    configure_cpu_runtime()
+
+
+def _state_error(state) -> str:  # a prefect State
+    try:
+        state.result()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return state.message or "no error message"
 
 
 def main(argv: list[str] | None = None) -> int:

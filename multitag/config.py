@@ -29,7 +29,9 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    home: str = Field(description="Storage root (local path or s3://...) for datasets, models, tags.")
+    home: str = Field(
+        description="Storage root (local path or s3://...) for datasets, models, tags."
+    )
 
     @property
     def datasets(self) -> str:
@@ -59,30 +61,86 @@ class TrainParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: str = Field("resnet34", description="torchvision name (resnet18/34/50...), a timm name, "
-                      "or 'shapes_cnn' (small full-resolution CNN for the synthetic dataset).")
-    pretrained: bool = Field(True, description="Start from ImageNet weights (must be on disk offline).")
+    arch: str = Field(
+        "resnet34",
+        description="torchvision name (resnet18/34/50...), a timm name, "
+        "or 'shapes_cnn' (small full-resolution CNN for the synthetic dataset).",
+    )
+    pretrained: bool = Field(
+        True, description="Start from ImageNet weights (must be on disk offline)."
+    )
     img_size: int = Field(224, ge=16, le=1024)
     batch_size: int = Field(64, ge=1, le=4096)
     epochs: int = Field(5, ge=1, le=1000)
-    freeze_epochs: int = Field(1, ge=0, le=100, description="Head-only epochs before unfreezing "
-                               "(pretrained models only).")
+    freeze_epochs: int = Field(
+        1, ge=0, le=100, description="Head-only epochs before unfreezing (pretrained models only)."
+    )
     lr: float | None = Field(3e-3, gt=0, description="Peak learning rate; None runs lr_find.")
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_valid_images: int | None = Field(None, ge=1, description="Cap validation size (speed).")
+    augment: bool = Field(
+        True,
+        description="fastai aug_transforms on the GPU/CPU batch "
+        "(flips, small rotations, zoom, lighting).",
+    )
+    head_dropout: float = Field(0.5, ge=0, lt=1, description="Dropout of fastai's head (`ps`).")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader workers; None: "
+        "0 on CPU (measured faster on 2 cores), up to 8 on CUDA.",
+    )
+
+
+def shapes_train_params(**overrides: object) -> TrainParams:
+    """Demo defaults for the synthetic shapes dataset: small full-resolution CNN, random init.
+
+    Measured on 2 shared CPU cores (default dataset, 1,600 train / 400 valid at 64 px); see
+    benchmarks/RESULTS.md. resnet18 from random init never leaves the no-label baseline here.
+    """
+    defaults: dict[str, object] = {
+        "arch": "shapes_cnn",
+        "pretrained": False,
+        "img_size": 64,
+        "batch_size": 64,
+        "epochs": 12,
+        "lr": 3e-3,
+        "augment": False,
+        "head_dropout": 0.1,
+    }
+    return TrainParams.model_validate({**defaults, **overrides})
 
 
 class ThresholdParams(BaseModel):
-    """How per-label thresholds are chosen on validation predictions."""
+    """How per-label thresholds are chosen on validation predictions (see multitag.thresholds).
+
+    Objectives: `f1` / `accuracy` maximise that metric (globally: micro-F1 / accuracy_multi);
+    `recall_at_precision` takes the lowest threshold whose precision meets `precision_target`;
+    `precision_at_recall` takes the most precise threshold whose recall meets `recall_target`.
+    Policies: `global` one threshold for all labels; `per_label` each label's own optimum;
+    `shrunk` (default) moves each label from the global value toward its own optimum only as
+    far as repeated random half-splits of the validation set show it helps on held-out rows.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     objective: Literal["f1", "accuracy", "precision_at_recall", "recall_at_precision"] = "f1"
     policy: Literal["global", "per_label", "shrunk"] = "shrunk"
-    min_positives: int = Field(20, ge=1, description="Labels with fewer validation positives "
-                               "use the global threshold.")
-    precision_target: float = Field(0.9, gt=0, le=1)
+    min_positives: int = Field(
+        20, ge=1, description="Labels with fewer validation positives use the global threshold."
+    )
+    precision_target: float = Field(0.9, gt=0, le=1, description="For recall_at_precision.")
+    recall_target: float = Field(0.9, gt=0, le=1, description="For precision_at_recall.")
+    n_resamples: int = Field(
+        50,
+        ge=1,
+        le=1000,
+        description="Random half-splits of the "
+        "validation set the `shrunk` policy scores each label on.",
+    )
+    seed: int = Field(0, description="Seed of those half-splits: same inputs, same thresholds.")
 
 
 class RetrainParams(BaseModel):
@@ -90,8 +148,11 @@ class RetrainParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(PASCAL_2007_URL, description="Dataset archive URL, local archive, or folder "
-                      "in the PASCAL_2007 layout (train/, train.csv).")
+    data: str = Field(
+        PASCAL_2007_URL,
+        description="Dataset archive URL, local archive, or folder "
+        "in the PASCAL_2007 layout (train/, train.csv).",
+    )
     train: TrainParams = Field(default_factory=TrainParams)
     thresholds: ThresholdParams = Field(default_factory=ThresholdParams)
     promote_metric: Literal["mAP", "accuracy_multi", "f1_micro", "f1_macro"] = "mAP"
@@ -104,14 +165,52 @@ class TagParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="Folder or prefix of images: /path, file://, s3://bucket/prefix.")
-    out: str | None = Field(None, description="Output root for Parquet; default MULTITAG_HOME/tags.")
+    source: str = Field(
+        description="Folder or prefix of images: /path, file://, s3://bucket/prefix."
+    )
+    out: str | None = Field(
+        None, description="Output root for Parquet; default MULTITAG_HOME/tags."
+    )
     dataset_name: str | None = Field(None, description="Name under out/; default from the source.")
     model_version: str | None = Field(None, description="Registry version; default the champion.")
     batch_size: int = Field(64, ge=1, le=4096)
-    shard_size: int = Field(1000, ge=1, le=1_000_000, description="Images per Parquet shard (one task each).")
+    shard_size: int = Field(
+        1000, ge=1, le=1_000_000, description="Images per Parquet shard (one task each)."
+    )
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
-    max_concurrency: int = Field(1, ge=1, le=256, description="Shards tagged at once on this machine.")
+    max_concurrency: int = Field(
+        1, ge=1, le=256, description="Shards tagged at once on this machine."
+    )
     dask_address: str | None = Field(None, description="Dask scheduler to fan shards out to.")
-    dask_local_workers: int | None = Field(None, ge=1, le=256, description="Start a local Dask cluster.")
+    dask_local_workers: int | None = Field(
+        None, ge=1, le=256, description="Start a local Dask cluster."
+    )
     home: str | None = Field(None, description="Registry root; default MULTITAG_HOME.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    decode_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Threads reading and "
+        "decoding the next batches while the model runs; None: "
+        "CPUs - 1, at least 1, at most 8.",
+    )
+    max_pixels: int | None = Field(
+        89_478_485,
+        ge=1,
+        description="Images declaring more pixels "
+        "become error rows (decompression-bomb guard); None: "
+        "Pillow's own global limit only.",
+    )
+
+
+class DemoParams(BaseModel):
+    """Parameters of the offline demo flow: generate shapes, retrain, tag the test folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_images: int = Field(2000, ge=50, le=200_000, description="Labelled images (train + valid).")
+    n_test: int = Field(400, ge=10, le=100_000, description="Held-out test images to tag.")
+    epochs: int | None = Field(None, ge=1, le=200, description="Default: the shapes recipe's.")
+    seed: int = 0
+    home: str | None = Field(None, description="Storage root; default MULTITAG_HOME.")

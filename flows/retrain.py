@@ -1,0 +1,46 @@
+"""The retrain flow: acquire -> validate -> train -> thresholds -> register -> gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from multitag.config import RetrainParams, get_settings
+from multitag.retraining import staging_root
+from multitag.storage import is_local
+from tasks.retrain import (
+    acquire_dataset,
+    promote_if_better,
+    register_model,
+    select_thresholds,
+    train_model,
+    validate_contract,
+)
+
+
+def _dataset_name(params: RetrainParams) -> str:
+    return params.data.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tgz").removesuffix(".tar.gz")
+
+
+@flow(
+    name="retrain",
+    flow_run_name="retrain-{params.train.arch}",
+    log_prints=True,
+    retries=0,
+)
+def retrain(params: RetrainParams) -> dict[str, Any]:
+    """Train a candidate on the dataset and make it champion only if it beats the current one."""
+    home = get_settings(params.home).home
+    # Datasets are extracted where training reads them: on this worker's disk, even when the
+    # registry root is an object store.
+    data_home = home if is_local(home) else str(staging_root().parent)
+    dataset_dir = acquire_dataset(params.data, data_home)
+    contract = validate_contract(dataset_dir, report_dir=f"{dataset_dir}/_reports")
+    stage = train_model(dataset_dir, params.train)
+    stage = select_thresholds(stage, params.thresholds)
+    dataset = {"uri": params.data, "local_path": dataset_dir, "name": _dataset_name(params)}
+    version = register_model(stage, home, dataset, contract)
+    decision = promote_if_better(home, version, params.promote_metric, params.force_promote)
+    get_run_logger().info("model %s registered; promoted=%s", version, decision.get("promoted"))
+    return {"version": version, "decision": decision, "home": home, "dataset_dir": dataset_dir}

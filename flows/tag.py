@@ -1,0 +1,111 @@
+"""The tag flow: resolve the model, plan shards, tag them in parallel, write the manifest.
+
+Why a subflow for the fan-out: the task runner (threads here, Dask across machines) is chosen
+from the run's parameters, and a flow's runner is fixed when it starts; the outer flow picks
+it and hands the shards to `tag-shards` running on that runner.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from multitag import tagging
+from multitag.config import TagParams, get_settings
+from tasks.tagging import plan_tagging, resolve_model, tag_shard, write_manifest
+
+
+def task_runner_for(params: TagParams) -> Any:
+    """Threads on one machine by default; Dask when given a scheduler or asked for a cluster."""
+    if params.dask_address or params.dask_local_workers:
+        from prefect_dask import DaskTaskRunner
+
+        if params.dask_address:
+            return DaskTaskRunner(address=params.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": params.dask_local_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "host": "127.0.0.1",
+                "dashboard_address": "127.0.0.1:0",
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=params.max_concurrency)
+
+
+@flow(name="tag-shards", flow_run_name="tag-shards-{run_id}")
+def tag_shards(params: TagParams, model_version: str, run_id: str) -> dict[str, Any]:
+    """Plan and tag; the plan stays inside this run (it can hold a million URIs)."""
+    logger = get_run_logger()
+    plan = plan_tagging(params, model_version, run_id)
+    progress = create_progress_artifact(
+        progress=0.0, key="tagging-progress", description=f"shards of run {run_id}"
+    )
+    t0 = time.perf_counter()
+    futures = [tag_shard.submit(spec, params, run_id) for spec in plan.shards]
+    results: list[tagging.ShardResult] = []
+    error: str | None = None
+    done_images, total = 0, max(plan.n_pending, 1)
+    for fut in as_completed(futures):
+        try:
+            res = fut.result()
+        except Exception as e:  # recorded in the manifest, re-raised after it is written
+            error = error or f"{type(e).__name__}: {e}"
+            continue
+        results.append(res)
+        done_images += res.n_images
+        pct = 100.0 * done_images / total
+        update_progress_artifact(artifact_id=progress, progress=pct)
+        _print_progress(done_images, plan.n_pending, time.perf_counter() - t0)
+    summary = write_manifest(plan, results, time.perf_counter() - t0, error)
+    if error:
+        raise RuntimeError(
+            f"{error} (finished shards are kept; rerun to tag the rest; "
+            f"manifest {summary['manifest_uri']})"
+        )
+    logger.info(
+        "tagged %s, failed %s, skipped %s -> %s",
+        summary["tagged"],
+        summary["failed"],
+        summary["skipped"],
+        summary["output_uri"],
+    )
+    return summary
+
+
+def _print_progress(done: int, total: int, elapsed: float) -> None:
+    """A progress line on an interactive terminal; the UI has the progress artifact."""
+    if not sys.stderr.isatty():
+        return
+    rate = done / elapsed if elapsed > 0 else 0.0
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\rtagged {done}/{total} images ({rate:.1f}/s)" + end)
+    sys.stderr.flush()
+
+
+@flow(name="tag-images", flow_run_name="tag-{params.source}", log_prints=True)
+def tag_images(params: TagParams) -> dict[str, Any]:
+    """Tag every image under params.source exactly once per model version."""
+    params = params.model_copy(update={"home": get_settings(params.home).home})
+    version = resolve_model(params)
+    run_id = tagging.new_run_id()
+    runner = task_runner_for(params)
+    summary = tag_shards.with_options(task_runner=runner)(params, version, run_id)
+    return {
+        "run_id": summary["run_id"],
+        "model_version": summary["model_version"],
+        "tagged": summary["tagged"],
+        "failed": summary["failed"],
+        "skipped": summary["skipped"],
+        "images_per_s": summary["images_per_s"],
+        "output": summary["output_uri"],
+        "manifest": summary["manifest_uri"],
+        "drift_flagged": summary["drift"]["flagged"],
+    }

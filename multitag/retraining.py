@@ -1,0 +1,249 @@
+"""The retrain steps as plain functions over a staging folder.
+
+Why a staging folder: each step (train, choose thresholds, register) is its own Prefect task
+and may be retried or cached on its own, so steps hand each other *paths*, never learners or
+arrays. The folder is local to the worker that trains; only `register_stage` writes to the
+(possibly remote) storage root.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multitag.config import ThresholdParams, TrainParams
+
+STAGE_MODEL = "model.pkl"
+STAGE_TRAIN = "train.json"
+STAGE_VALID = "valid_preds.npz"
+STAGE_TEST = "test_preds.npz"
+STAGE_THRESHOLDS = "thresholds.json"
+STAGE_EVALUATION = "evaluation.json"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_stage_json(stage_dir: str | Path, name: str) -> Any:
+    return json.loads((Path(stage_dir) / name).read_text(encoding="utf-8"))
+
+
+def label_prevalence(table: Any, vocab: list[str]) -> dict[str, float]:
+    """Share of training images carrying each label; tagging compares incoming rates to it."""
+    train_rows = table[~table["is_valid"]]
+    n = max(len(train_rows), 1)
+    counts = dict.fromkeys(vocab, 0)
+    for labels in train_rows["labels"]:
+        for tok in set(str(labels).split()):
+            if tok in counts:
+                counts[tok] += 1
+    prevalence = {k: v / n for k, v in counts.items()}
+    none = int(sum(1 for labels in train_rows["labels"] if not str(labels).split()))
+    prevalence_none = none / n
+    return {"labels": prevalence, "none": prevalence_none}
+
+
+def _read_test_labels(dataset_dir: Path, vocab: list[str]) -> tuple[list[Path], np.ndarray] | None:
+    """Held-out labelled test images (the shapes dataset ships them); None when absent."""
+    path = dataset_dir / "test_labels.csv"
+    if not path.exists():
+        return None
+    import pandas as pd
+
+    df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    index = {label: i for i, label in enumerate(vocab)}
+    targets = np.zeros((len(df), len(vocab)), dtype=bool)
+    for row, labels in enumerate(df["labels"]):
+        for tok in labels.split():
+            if tok in index:
+                targets[row, index[tok]] = True
+    files = [dataset_dir / "test" / f for f in df["fname"]]
+    return files, targets
+
+
+def train_stage(
+    dataset_dir: str | Path,
+    params: TrainParams,
+    stage_dir: str | Path,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train, then save the provisional learner and validation/test predictions to `stage_dir`."""
+    from multitag import contracts, training
+
+    dataset_dir, stage = Path(dataset_dir), Path(stage_dir)
+    stage.mkdir(parents=True, exist_ok=True)
+    result = training.train(dataset_dir, params, on_epoch=on_epoch)
+    probs, targets = training.predict_validation(result.learner)
+    np.savez(stage / STAGE_VALID, probs=probs, targets=targets)
+    test = _read_test_labels(dataset_dir, result.vocab)
+    if test is not None:
+        test_probs = training.predict_files(result.learner, test[0])
+        np.savez(stage / STAGE_TEST, probs=test_probs, targets=test[1])
+    training.export_learner(result.learner, stage / STAGE_MODEL, thresholds=0.5)
+    table = contracts.validate_dataset(dataset_dir, check_images=False).table
+    summary = {
+        "vocab": result.vocab,
+        "history": result.history,
+        "wall_time_s": result.wall_time_s,
+        "device": result.device,
+        "n_train": result.n_train,
+        "n_valid": result.n_valid,
+        "params": params.model_dump(),
+        "prevalence": label_prevalence(table, result.vocab),
+        "inference": training.inference_spec(result.learner),
+        "has_test_set": test is not None,
+    }
+    _write_json(stage / STAGE_TRAIN, summary)
+    return summary
+
+
+def threshold_stage(stage_dir: str | Path, params: ThresholdParams) -> dict[str, Any]:
+    """Choose thresholds on validation; judge them (and the best single global one) on test."""
+    from multitag import thresholds as th
+
+    stage = Path(stage_dir)
+    vocab = read_stage_json(stage, STAGE_TRAIN)["vocab"]
+    valid = np.load(stage / STAGE_VALID)
+    chosen = th.select_thresholds(valid["probs"], valid["targets"], vocab, params)
+    _write_json(stage / STAGE_THRESHOLDS, chosen.to_json())
+    evaluation: dict[str, Any] = {
+        "validation": th.evaluate(
+            valid["probs"], valid["targets"], chosen.as_array(), vocab
+        ).to_dict(),
+    }
+    if (stage / STAGE_TEST).exists():
+        test = np.load(stage / STAGE_TEST)
+        evaluation["test"] = th.evaluate(
+            test["probs"], test["targets"], chosen.as_array(), vocab
+        ).to_dict()
+        evaluation["test_best_global"] = _best_global_on(test["probs"], test["targets"], vocab)
+    _write_json(stage / STAGE_EVALUATION, evaluation)
+    return {"thresholds": chosen.to_json(), "evaluation": evaluation}
+
+
+def _best_global_on(probs: np.ndarray, targets: np.ndarray, vocab: list[str]) -> dict[str, Any]:
+    """The best single global threshold chosen *on test itself*: an upper bound to compare with."""
+    from multitag import thresholds as th
+
+    oracle = th.select_thresholds(probs, targets, vocab, ThresholdParams(policy="global"))
+    ev = th.evaluate(probs, targets, oracle.as_array(), vocab).to_dict()
+    return {"threshold": oracle.global_threshold, **{k: ev[k] for k in _HEADLINE if k in ev}}
+
+
+_HEADLINE = ("accuracy_multi", "f1_micro", "f1_macro", "mAP", "none_rate")
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["torch", "torchvision", "fastai", "numpy", "pandas", "pillow", "multitag"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def register_stage(
+    stage_dir: str | Path,
+    home: str | None,
+    *,
+    dataset: dict[str, Any],
+    contract_summary: dict[str, Any],
+) -> str:
+    """Finalise the learner with its thresholds and write an immutable registry version."""
+    from multitag import registry, reports, training
+    from multitag.thresholds import ThresholdSet
+
+    stage = Path(stage_dir)
+    train_info = read_stage_json(stage, STAGE_TRAIN)
+    thresholds = read_stage_json(stage, STAGE_THRESHOLDS)
+    evaluation = read_stage_json(stage, STAGE_EVALUATION)
+    # The provisional model.pkl was written by train_stage in this same run (not from storage),
+    # so unpickling it here is as safe as holding the learner in memory.
+    learner = training.load_learner_file(stage / STAGE_MODEL)
+    final = stage / "final"
+    final.mkdir(exist_ok=True)
+    ts = ThresholdSet.from_json(thresholds)
+    training.export_learner(learner, final / STAGE_MODEL, thresholds=ts.as_array())
+    metrics = {
+        "validation": evaluation["validation"],
+        "test": evaluation.get("test"),
+        "test_best_global": evaluation.get("test_best_global"),
+        "history": train_info["history"],
+        "dataset": dataset,
+        "contract": contract_summary,
+        "params": train_info["params"],
+        "device": train_info["device"],
+        "n_train": train_info["n_train"],
+        "n_valid": train_info["n_valid"],
+        "wall_time_s": train_info["wall_time_s"],
+        "train_label_prevalence": train_info["prevalence"]["labels"],
+        "train_none_rate": train_info["prevalence"]["none"],
+        "library_versions": library_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    report_files = reports.build_model_report(metrics, thresholds, evaluation["validation"])
+    return registry.register_model(
+        home,
+        learner_file=final / STAGE_MODEL,
+        thresholds=thresholds,
+        metrics=metrics,
+        inference=train_info["inference"],
+        report_files=report_files,
+    )
+
+
+def stage_key(dataset_dir: str | Path, params: TrainParams) -> str:
+    """Same dataset content + same parameters -> same key, so a rerun reuses finished training.
+
+    The dataset part hashes train.csv and the sizes of the listed images: cheap, and it changes
+    when labels, splits or images change.
+    """
+    import hashlib
+
+    root = Path(dataset_dir)
+    h = hashlib.sha256()
+    h.update((root / "train.csv").read_bytes())
+    for p in sorted((root / "train").iterdir()):
+        h.update(f"{p.name}:{p.stat().st_size};".encode())
+    h.update(params.model_dump_json().encode())
+    from multitag import __version__
+
+    h.update(__version__.encode())
+    return h.hexdigest()[:20]
+
+
+def stage_complete(stage_dir: str | Path) -> bool:
+    stage = Path(stage_dir)
+    return all((stage / n).exists() for n in (STAGE_MODEL, STAGE_TRAIN, STAGE_VALID))
+
+
+def staging_root() -> Path:
+    """Local scratch for training artifacts before they reach the (maybe remote) registry."""
+    import os
+
+    if os.environ.get("MULTITAG_STAGING"):
+        return Path(os.environ["MULTITAG_STAGING"])
+    cache = os.environ.get("MULTITAG_CACHE_DIR") or str(Path.home() / ".cache" / "multitag")
+    return Path(cache) / "staging"

@@ -1,0 +1,103 @@
+"""Tasks of the tag flow. One task per shard of images, never per image: the Prefect server
+pays ~25 ms of CPU per task run, so a million images are ~1,000 shard tasks, not a million."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from multitag import tagging
+from multitag.config import TagParams
+from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
+
+
+@task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10])
+def resolve_model(params: TagParams) -> str:
+    version = tagging.resolve_model_version(params)
+    get_run_logger().info("tagging with model version %s", version)
+    return version
+
+
+@task(name="plan-tagging", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600)
+def plan_tagging(params: TagParams, model_version: str, run_id: str) -> tagging.RunPlan:
+    """List the source and claim the images not yet tagged by this model version."""
+    plan = tagging.plan_run(params, model_version=model_version, run_id=run_id)
+    get_run_logger().info(
+        "listed %d images: %d already tagged, %d new, %d resumed; %d shard(s) of <= %d",
+        plan.n_listed,
+        plan.n_skipped,
+        plan.n_new,
+        plan.n_resumed,
+        len(plan.shards),
+        plan.shard_size,
+    )
+    return plan
+
+
+@task(
+    name="tag-shard",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    task_run_name="tag-shard-{spec.shard_id}",
+)
+def tag_shard(spec: tagging.ShardSpec, params: TagParams, run_id: str) -> tagging.ShardResult:
+    """Idempotent: a shard already written (by a retry or another run) is skipped."""
+    tagger = tagging.tagger_for(params, spec.model_version)
+    return tagging.tag_shard(spec, tagger, run_id=run_id)
+
+
+@task(name="write-manifest", retries=2, retry_delay_seconds=[2, 10])
+def write_manifest(
+    plan: tagging.RunPlan, results: list[tagging.ShardResult], tag_s: float, error: str | None
+) -> dict[str, Any]:
+    """Written last, even when a shard failed, so every run leaves a record of what it did."""
+    summary = tagging.summarize_run(plan, results, tag_s=tag_s, error=error)
+    tagging.write_manifest(summary)
+    publish_markdown(
+        "tagging-summary",
+        _summary_markdown(summary),
+        f"tagging run {summary.run_id}: counts, speed, label rates and drift",
+    )
+    publish_table("label-rates", _rate_rows(summary), "label rates vs training prevalence")
+    if summary.output_uri.startswith(("s3://", "gs://", "http")):
+        publish_link("tags-output", summary.output_uri, summary.output_uri, "Parquet output")
+    return summary.to_dict()
+
+
+def _rate_rows(summary: tagging.TagSummary) -> list[dict[str, Any]]:
+    d = summary.drift
+    return [
+        {
+            "label": e.label,
+            "count": e.count,
+            "rate": fmt(e.rate),
+            "train_rate": fmt(e.train_rate),
+            "drift": "FLAGGED" if e.flagged else "",
+        }
+        for e in [*d.labels, d.none]
+    ]
+
+
+def _summary_markdown(s: tagging.TagSummary) -> str:
+    rate = f"{s.images_per_s:.1f}" if s.images_per_s else "n/a"
+    lines = [
+        f"# Tagging run `{s.run_id}` — {s.status}",
+        "",
+        "| model | listed | tagged | failed | skipped | resumed | images/s | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| `{s.model_version}` | {s.listed} | {s.tagged} | {s.failed} | {s.skipped} | "
+        f"{s.resumed} | {rate} | {s.seconds.get('total_s', 0):.1f} |",
+        "",
+        f"- source: `{s.source}`",
+        f"- output: `{s.output_uri}`",
+        f"- manifest: `{s.manifest_uri}`",
+    ]
+    if s.error_kinds:
+        lines.append(
+            "- errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.error_kinds.items()))
+        )
+    lines.append(f"- drift: {', '.join(s.drift.flagged) or 'nothing flagged'} ({s.drift.note})")
+    if s.error:
+        lines.append(f"- **run error**: {s.error}")
+    return "\n".join(lines) + "\n"

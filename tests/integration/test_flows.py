@@ -1,0 +1,134 @@
+"""The flows under a real (ephemeral) Prefect server: states, artifacts, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from multitag import registry, retraining
+from multitag.config import RetrainParams, TagParams, ThresholdParams, shapes_train_params
+from multitag.datasets import pack_dataset
+from multitag.shapes import make_shapes_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+TINY = {"img_size": 32, "epochs": 2, "batch_size": 32}
+
+
+def _artifact_keys(flow_run_id) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        runs = [flow_run_id] + [
+            r.id
+            for r in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+                )
+            )
+        ]
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs))
+        )
+    return {a.key for a in arts if a.key}
+
+
+@pytest.fixture(scope="module")
+def shapes_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    src = make_shapes_dataset(root / "shapes", n_train=160, n_test=40, img_size=32, seed=3)
+    return pack_dataset(src, root / "shapes.tgz")
+
+
+def test_retrain_then_tag_end_to_end(shapes_archive: Path, _isolated_home: Path) -> None:
+    from flows.retrain import retrain
+    from flows.tag import tag_images
+
+    home = str(_isolated_home)
+    params = RetrainParams(
+        data=str(shapes_archive),
+        train=shapes_train_params(**TINY),
+        thresholds=ThresholdParams(policy="global"),
+        home=home,
+    )
+    state = retrain(params, return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["decision"]["promoted"] is True
+    assert registry.get_champion(home)["version"] == out["version"]
+    keys = _artifact_keys(state.state_details.flow_run_id)
+    assert {
+        "contract-report",
+        "training-metrics",
+        "threshold-table",
+        "threshold-evaluation",
+        "model-report",
+        "promotion-decision",
+    } <= keys
+
+    # A second retrain on identical inputs reuses the finished training and does not beat
+    # the champion (same metrics): the gate keeps it.
+    again = retrain(params, return_state=True).result()
+    assert again["decision"]["promoted"] is False
+    assert registry.get_champion(home)["version"] == out["version"]
+
+    test_dir = Path(out["dataset_dir"]) / "test"
+    tparams = TagParams(source=str(test_dir), shard_size=16, home=home)
+    tstate = tag_images(tparams, return_state=True)
+    assert tstate.is_completed(), tstate.message
+    summary = tstate.result()
+    assert summary["tagged"] == 40 and summary["failed"] == 0
+    table = pads.dataset(summary["output"], format="parquet").to_table()
+    uris = table.column("image_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 40
+    assert set(table.column("model_version").to_pylist()) == {out["version"]}
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert manifest["tagged"] == 40
+    keys = _artifact_keys(tstate.state_details.flow_run_id)
+    assert {"tagging-summary", "tagging-progress", "label-rates"} <= keys
+
+    rerun = tag_images(tparams, return_state=True).result()
+    assert rerun["tagged"] == 0 and rerun["skipped"] == 40
+
+
+def test_contract_failure_stops_before_training(tmp_path: Path, _isolated_home: Path) -> None:
+    from flows.retrain import retrain
+
+    src = make_shapes_dataset(tmp_path / "bad", n_train=60, n_test=5, img_size=32, seed=1)
+    csv = src / "train.csv"
+    lines = csv.read_text().splitlines()
+    lines[3] = lines[3].replace(",True", ",maybe").replace(",False", ",maybe")
+    csv.write_text("\n".join(lines) + "\n")
+    params = RetrainParams(
+        data=str(src), train=shapes_train_params(**TINY), home=str(_isolated_home)
+    )
+    state = retrain(params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="breaks its data contract"):
+        state.result()
+    assert not any(retraining.staging_root().glob("*/model.pkl")), "trained despite a bad contract"
+    assert registry.list_versions(str(_isolated_home)) == []
+    keys = _artifact_keys(state.state_details.flow_run_id)
+    assert {"contract-report", "contract-violations"} <= keys
+    assert (src / "_reports" / "contract_report.csv").exists()
+
+
+def test_tag_without_champion_fails_with_hint(tmp_path: Path, _isolated_home: Path) -> None:
+    from flows.tag import tag_images
+
+    (tmp_path / "imgs").mkdir()
+    state = tag_images(
+        TagParams(source=str(tmp_path / "imgs"), home=str(_isolated_home)), return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(registry.NoChampionError, match="retrain"):
+        state.result()
