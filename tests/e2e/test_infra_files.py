@@ -1,0 +1,264 @@
+"""Static checks of infra/: files parse and agree with each other, the flows and Prefect.
+
+Fast (no server, no Docker): catches a typo in prefect.yaml, a job template that drifted from
+the worker's, or a compose file naming a file that does not exist, before anyone deploys.
+The slow test_deployments.py proves the same files work against a real server.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from tests.e2e.harness import INFRA, REPO_ROOT
+
+PREFECT_YAML = INFRA / "prefect.yaml"
+COMPOSE = INFRA / "docker-compose.yml"
+POOLS = INFRA / "work-pools"
+PLACEHOLDER = re.compile(r"{{\s*([\w.\-$]+)\s*}}")
+
+
+@pytest.fixture(scope="module")
+def prefect_yaml() -> dict[str, Any]:
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+@pytest.fixture(scope="module")
+def deployments(prefect_yaml: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in prefect_yaml["deployments"]}
+
+
+def test_prefect_yaml_is_valid_for_the_installed_prefect(prefect_yaml: dict[str, Any]) -> None:
+    import prefect
+    from prefect.cli.deploy._models import PrefectYamlModel, RawScheduleConfig
+
+    assert prefect_yaml["prefect-version"] == prefect.__version__
+    model = PrefectYamlModel.model_validate(prefect_yaml)
+    assert [d.name for d in model.deployments] == ["retrain", "tag-images"]
+    for d in prefect_yaml["deployments"]:
+        for schedule in d.get("schedules") or []:
+            RawScheduleConfig.model_validate(schedule)  # extra="forbid": catches typos
+
+
+def test_retrain_runs_weekly_on_the_gpu_pool_one_at_a_time(
+    deployments: dict[str, dict[str, Any]],
+) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    retrain = deployments["retrain"]
+    assert retrain["entrypoint"] == "flows/retrain.py:retrain"
+    assert retrain["work_pool"]["name"] == "gpu"
+    (schedule,) = retrain["schedules"]
+    cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    assert cron.cron == "0 3 * * 1"  # Mondays 03:00: weekly
+    ZoneInfo(schedule["timezone"])  # a real IANA zone, not a typo
+    assert retrain["concurrency_limit"]["limit"] == 1
+    assert retrain["concurrency_limit"]["collision_strategy"] == "ENQUEUE"
+
+
+def test_tag_images_runs_on_the_cpu_pool_with_source_and_output(
+    deployments: dict[str, dict[str, Any]],
+) -> None:
+    tag = deployments["tag-images"]
+    assert tag["entrypoint"] == "flows/tag.py:tag_images"
+    assert tag["work_pool"]["name"] == "cpu"
+    params = tag["parameters"]["params"]
+    assert params["source"] == "{{ $MULTITAG_TAG_SOURCE }}"
+    assert params["out"] == "{{ $MULTITAG_TAG_OUT }}"
+
+
+def test_parameters_validate_against_the_flow_parameter_models(
+    deployments: dict[str, dict[str, Any]],
+) -> None:
+    from multitag.config import PASCAL_2007_URL, RetrainParams, TagParams
+
+    retrain = RetrainParams.model_validate(deployments["retrain"]["parameters"]["params"])
+    assert retrain.data == PASCAL_2007_URL
+    assert retrain.home is None  # the worker's MULTITAG_HOME
+    tag = TagParams.model_validate(deployments["tag-images"]["parameters"]["params"])
+    assert tag.home is None
+
+
+def test_anchors_share_one_definition(prefect_yaml: dict[str, Any]) -> None:
+    """Aliases load as the very same object as their anchor: one place to change a pool."""
+    text = PREFECT_YAML.read_text()
+    assert "&gpu_pool" in text and "*gpu_pool" in text and "<<: *storage_params" in text
+    defs = prefect_yaml["definitions"]
+    by_name = {d["name"]: d for d in prefect_yaml["deployments"]}
+    assert by_name["retrain"]["work_pool"] is defs["work_pools"]["gpu"]
+    assert by_name["tag-images"]["work_pool"] is defs["work_pools"]["cpu"]
+    runtime_env = defs["job_variables"]["runtime_env"]
+    for pool in ("gpu", "cpu"):
+        env = defs["work_pools"][pool]["job_variables"]["env"]
+        assert runtime_env.items() <= env.items()
+        assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def _defined_functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+@pytest.mark.parametrize("name", ["retrain", "tag-images"])
+def test_entrypoints_exist(deployments: dict[str, dict[str, Any]], name: str) -> None:
+    file, func = deployments[name]["entrypoint"].split(":")
+    path = REPO_ROOT / file
+    assert path.is_file(), f"{name}: entrypoint file {file} missing"
+    assert func in _defined_functions(path), f"{name}: no function {func} in {file}"
+
+
+def test_pull_step_sets_the_code_directory_from_the_environment(
+    prefect_yaml: dict[str, Any],
+) -> None:
+    (step,) = prefect_yaml["pull"]
+    assert step == {
+        "prefect.deployments.steps.set_working_directory": {"directory": "{{ $MULTITAG_CODE_DIR }}"}
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Work-pool base job templates
+
+
+def _installed_default_template(worker_type: str) -> dict[str, Any]:
+    """What `prefect work-pool get-default-base-job-template --type T` prints, offline."""
+    import prefect
+
+    if worker_type == "process":
+        from prefect.workers.process import ProcessWorker
+
+        return ProcessWorker.get_default_base_job_template()
+    bundled = (
+        Path(prefect.__file__).parent
+        / "server/api/collections_data/views/aggregate-worker-metadata.json"
+    )
+    for collection in json.loads(bundled.read_text()).values():
+        for worker in collection.values():
+            if worker.get("type") == worker_type:
+                return worker["default_base_job_configuration"]
+    raise LookupError(worker_type)
+
+
+TEMPLATES = {
+    "process.json": "process",
+    "gpu-docker.json": "docker",
+    "gpu-kubernetes.json": "kubernetes",
+    "cpu-kubernetes.json": "kubernetes",
+}
+
+
+def test_every_template_file_is_checked() -> None:
+    assert {p.name for p in POOLS.glob("*.json")} == set(TEMPLATES)
+
+
+@pytest.mark.parametrize(("file", "worker_type"), TEMPLATES.items())
+def test_template_extends_the_workers_default(file: str, worker_type: str) -> None:
+    ours = json.loads((POOLS / file).read_text())
+    default = _installed_default_template(worker_type)
+    assert set(ours) == {"job_configuration", "variables"}
+    assert set(default["job_configuration"]) <= set(ours["job_configuration"])
+    declared = set(ours["variables"]["properties"])
+    assert set(default["variables"]["properties"]) <= declared
+    used = set(PLACEHOLDER.findall(json.dumps(ours["job_configuration"])))
+    assert used <= declared, f"{file}: placeholders without a variable: {used - declared}"
+    env_default = ours["variables"]["properties"]["env"]["default"]
+    assert env_default["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_gpu_templates_request_exactly_one_gpu() -> None:
+    docker = json.loads((POOLS / "gpu-docker.json").read_text())
+    kwargs = docker["variables"]["properties"]["container_create_kwargs"]["default"]
+    (request,) = kwargs["device_requests"]
+    assert request["count"] == 1 and request["capabilities"] == [["gpu"]]
+    assert docker["job_configuration"]["container_create_kwargs"] == "{{ container_create_kwargs }}"
+
+    k8s = json.loads((POOLS / "gpu-kubernetes.json").read_text())
+    pod = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert k8s["variables"]["properties"]["gpu_count"]["default"] == 1
+
+    cpu = json.loads((POOLS / "cpu-kubernetes.json").read_text())
+    cpu_limits = cpu["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(cpu_limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compose file and Dockerfiles
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_brings_up_server_worker_and_s3(compose: dict[str, Any]) -> None:
+    import prefect
+
+    services = compose["services"]
+    assert {"server", "worker", "minio", "create-bucket", "deploy"} <= set(services)
+    assert services["server"]["image"].startswith(f"prefecthq/prefect:{prefect.__version__}-")
+    assert services["server"]["command"][:3] == ["prefect", "server", "start"]
+    assert "--pool" in services["worker"]["command"]
+    assert services["worker"]["environment"]["PREFECT_API_URL"] == "http://server:4200/api"
+    assert services["worker"]["environment"]["MULTITAG_HOME"].startswith("s3://")
+    assert "mc mb" in " ".join(services["create-bucket"]["command"])
+    assert services["worker"]["depends_on"]["create-bucket"] == {
+        "condition": "service_completed_successfully"
+    }
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+
+
+def test_compose_refers_only_to_files_that_exist(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build:
+            context = (COMPOSE.parent / build["context"]).resolve()
+            assert (context / build["dockerfile"]).is_file(), name
+    deploy_cmd = " ".join(compose["services"]["deploy"]["command"])
+    for path in re.findall(r"infra/[\w./-]+", deploy_cmd):
+        assert (REPO_ROOT / path).is_file(), path
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "base"), [("Dockerfile.cpu", "python:3.11"), ("Dockerfile.cuda", "nvidia/cuda:")]
+)
+def test_dockerfiles_install_the_lock_and_the_project(dockerfile: str, base: str) -> None:
+    text = (INFRA / dockerfile).read_text()
+    assert base in text
+    assert "COPY requirements.txt" in text
+    assert re.search(r"pip install .*-r (/tmp/)?requirements(-cpu)?\.txt", text)
+    assert re.search(r"pip install --no-deps .*-e \.", text)
+    assert "OMP_WAIT_POLICY=PASSIVE" in text
+    workdir = re.search(r"^WORKDIR (\S+)", text, re.M)
+    assert workdir and f"MULTITAG_CODE_DIR={workdir.group(1)}" in text
+    assert (INFRA / f"{dockerfile}.dockerignore").read_text().count(".venv") == 1
+
+
+@pytest.mark.parametrize(("file", "gpus"), [("gpu-kubernetes.json", 1), ("cpu-kubernetes.json", 0)])
+def test_kubernetes_job_renders_from_the_defaults(file: str, gpus: int) -> None:
+    """Fill the template the way a worker does (defaults, unset keys dropped): a whole Job."""
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((POOLS / file).read_text())
+    defaults = {
+        name: spec["default"]
+        for name, spec in template["variables"]["properties"].items()
+        if "default" in spec
+    }
+    rendered = apply_values(template["job_configuration"], defaults)
+    assert "{{" not in json.dumps(rendered)
+    pod = rendered["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
+    assert container["image"].endswith(":cuda" if gpus else ":cpu")
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert rendered["namespace"] == "multitag"
