@@ -40,6 +40,16 @@ def task_runner_for(params: TagParams) -> Any:
     return ThreadPoolTaskRunner(max_workers=params.max_concurrency)
 
 
+def _tag_run_name() -> str:
+    """`tag-<dataset>`: the source's last path part, not a whole URI, heads the UI page."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters.get("params") or {}
+    source = params.get("source", "") if isinstance(params, dict) else params.source
+    name = params.get("dataset_name") if isinstance(params, dict) else params.dataset_name
+    return f"tag-{name or tagging.default_dataset_name(source)}"
+
+
 @flow(name="tag-shards", flow_run_name="tag-shards-{run_id}")
 def tag_shards(params: TagParams, model_version: str, run_id: str) -> dict[str, Any]:
     """Plan and tag; the plan stays inside this run (it can hold a million URIs)."""
@@ -90,7 +100,7 @@ def _print_progress(done: int, total: int, elapsed: float) -> None:
     sys.stderr.flush()
 
 
-@flow(name="tag-images", flow_run_name="tag-{params.source}", log_prints=True)
+@flow(name="tag-images", flow_run_name=_tag_run_name, log_prints=True)
 def tag_images(params: TagParams) -> dict[str, Any]:
     """Tag every image under params.source exactly once per model version."""
     params = params.model_copy(update={"home": get_settings(params.home).home})

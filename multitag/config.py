@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PASCAL_2007_URL = "https://s3.amazonaws.com/fast-ai-imagelocal/pascal_2007.tgz"
 
@@ -164,6 +164,17 @@ class TagParams(BaseModel):
     """Parameters of the tag flow (and `multitag tag`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("source", "out")
+    @classmethod
+    def _no_unfilled_template(cls, value: str | None) -> str | None:
+        """A deployment created without its env vars stores the literal `{{ $VAR }}`."""
+        if value and "{{" in value:
+            raise ValueError(
+                f"{value!r} is an unfilled template: export the variable it names "
+                "(e.g. MULTITAG_TAG_SOURCE) before `prefect deploy`, or pass the parameter"
+            )
+        return value
 
     source: str = Field(
         description="Folder or prefix of images: /path, file://, s3://bucket/prefix."
