@@ -118,6 +118,10 @@ class TaggingError(Exception):
 # ================================================================================ sources
 
 
+class SourceUnavailableError(TaggingError):
+    """The image source could not be listed (unreachable endpoint, denied, bad credentials)."""
+
+
 def is_image_name(name: str) -> bool:
     """Image files are recognised by extension, case-insensitively (IMG_001.JPG counts)."""
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
@@ -136,7 +140,16 @@ def list_images(source: str) -> Iterator[str]:
     if "file" in protocols:
         keys = _list_local(path)
     elif hasattr(fs, "call_s3"):
-        keys = _list_s3(fs, path, source)
+        try:
+            keys = _list_s3(fs, path, source)
+        except (FileNotFoundError, TaggingError):
+            raise
+        except Exception as e:
+            raise SourceUnavailableError(
+                f"cannot list {source}: {type(e).__name__}: {e}. Check the bucket name, the "
+                "endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE) of this worker"
+            ) from e
     else:
         if not fs.exists(path):
             raise FileNotFoundError(f"image source {source} does not exist")
@@ -378,6 +391,8 @@ class TorchScorer:
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             x = (x - self._mean) / self._std
             if self.precision == "bf16":
+                # [fastpath] channels_last input: oneDNN's bf16 convolutions run NHWC.
+                x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                     logits = self.model(x)
             else:
@@ -392,8 +407,9 @@ class TorchScorer:
 
 
 def _torch_precision(precision: str) -> str:
-    # "auto" stays fp32 until reduced precision is measured to keep thresholds' decisions.
-    return "fp32" if precision == "auto" else precision
+    # "auto" and "int8" start from the fp32 torch model; `load_tagger` then swaps in the fast
+    # path that multitag.fastpath measured to keep the thresholds' decisions.
+    return "fp32" if precision in ("auto", "int8") else precision
 
 
 # ================================================================================ tagger
@@ -485,6 +501,8 @@ class Tagger:
         self.decode_workers = decode_workers or default_decode_workers()
         self.max_pixels = max_pixels
         self.background = background
+        # [fastpath] which scorer runs and why (load_tagger may swap in a fast path).
+        self.precision_choice = str(getattr(scorer, "precision", type(scorer).__name__))
         _allow_pixels(max_pixels)
 
     @classmethod
@@ -656,7 +674,7 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
     from multitag.registry import load_model
 
     loaded = load_model(params.home, model_version or params.model_version)
-    return Tagger.from_loaded(
+    tagger = Tagger.from_loaded(
         loaded,
         device=params.device,
         precision=params.precision,
@@ -664,6 +682,66 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
         decode_workers=params.decode_workers,
         max_pixels=params.max_pixels,
     )
+    _use_fast_path(tagger, loaded, params)
+    return tagger
+
+
+# [fastpath] wiring of precision auto/int8 to multitag.fastpath (performance helper).
+def _use_fast_path(tagger: Tagger, loaded: Any, params: TagParams) -> None:
+    """Swap the fp32 torch scorer for the fast path `precision` asks for (CPU only).
+
+    The fast path is checked against this fp32 model on a sample of `params.source` the first
+    time a model file is used on a machine (then cached by its sha256; see multitag.fastpath).
+    """
+    scorer = tagger.scorer
+    if params.precision not in ("auto", "int8") or not isinstance(scorer, TorchScorer):
+        return
+    if scorer.device.type != "cpu":
+        if params.precision == "int8":
+            raise TaggingError("precision=int8 runs on CPU only; use auto, fp32 or bf16 on GPU")
+        return
+    from multitag import fastpath
+
+    try:
+        selection = fastpath.select_scorer(
+            scorer.model,
+            precision=params.precision,
+            mean=tagger.spec.mean,
+            std=tagger.spec.std,
+            img_size=tagger.spec.img_size,
+            thresholds=tagger.thresholds,
+            model_sha256=loaded.sha256,
+            sample=lambda n: sample_images(params.source, tagger.decode, n),
+        )
+    except fastpath.FastPathError as exc:
+        raise TaggingError(str(exc)) from exc
+    tagger.scorer = selection.scorer
+    tagger.precision_choice = f"{selection.name}: {selection.reason}"
+
+
+def sample_images(
+    source: str, decode: Callable[[bytes], DecodedImage], n: int
+) -> np.ndarray | None:
+    """Up to n decoded images spread evenly over the listing of `source`; None if < n listed.
+
+    Spread, not the first n: the first files of a sorted listing are often one folder.
+    """
+    try:
+        uris = list(list_images(source))
+    except (FileNotFoundError, TaggingError):
+        return None
+    if len(uris) < n:
+        return None
+    picks = [uris[int(i)] for i in np.linspace(0, len(uris) - 1, n).round().astype(int)]
+    arrays = []
+    for blob in read_many(picks):
+        if isinstance(blob, OSError):
+            continue
+        try:
+            arrays.append(decode(blob).array)
+        except ImageDecodeError:
+            continue
+    return np.stack(arrays) if arrays else None
 
 
 def tagger_for(params: TagParams, model_version: str) -> Tagger:
@@ -675,6 +753,7 @@ def tagger_for(params: TagParams, model_version: str) -> Tagger:
 
 
 _TAGGER_FIELDS = {
+    "source",  # [fastpath] precision auto samples it when a model's fast path is unchecked
     "home",
     "model_version",
     "device",
@@ -690,7 +769,7 @@ def _cached_tagger(key_json: str) -> Tagger:
     import json
 
     fields = json.loads(key_json)
-    params = TagParams(source="-", **fields)
+    params = TagParams(**fields)
     return load_tagger(params, fields["model_version"])
 
 

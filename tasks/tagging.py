@@ -19,7 +19,19 @@ def resolve_model(params: TagParams) -> str:
     return version
 
 
-@task(name="plan-tagging", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600)
+def _retry_listing(task: Any, run: Any, state: Any) -> bool:
+    """A missing or unreachable source fails fast: the S3 client already retried the call."""
+    try:
+        state.result()
+    except (FileNotFoundError, tagging.TaggingError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="plan-tagging", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600,
+      retry_condition_fn=_retry_listing)
 def plan_tagging(params: TagParams, model_version: str, run_id: str) -> tagging.RunPlan:
     """List the source and claim the images not yet tagged by this model version."""
     plan = tagging.plan_run(params, model_version=model_version, run_id=run_id)
