@@ -153,13 +153,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     _prepare_runtime()
     from flows.retrain import retrain
 
-    state = retrain(params, return_state=True)
-    if not state.is_completed():
-        print(
-            f"multitag retrain: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr
-        )
+    result = _run_flow("retrain", retrain, params)
+    if result is None:
         return EXIT_FAILED
-    result = state.result()
     d = result["decision"]
     print(f"model {result['version']} registered under {result['home']}/models")
     print(f"promotion: {'PROMOTED' if d.get('promoted') else 'kept champion'} ({d.get('reason')})")
@@ -216,11 +212,9 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     _prepare_runtime()
     from flows.tag import tag_images
 
-    state = tag_images(params, return_state=True)
-    if not state.is_completed():
-        print(f"multitag tag: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr)
+    s = _run_flow("tag", tag_images, params)
+    if s is None:
         return EXIT_FAILED
-    s = state.result()
     rate = f"{s['images_per_s']:.1f} images/s" if s["images_per_s"] else "nothing new to tag"
     print(
         f"tagged {s['tagged']}, failed {s['failed']}, skipped {s['skipped']} ({rate}) "
@@ -308,11 +302,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _prepare_runtime()
     from flows.demo import demo, print_demo_summary
 
-    state = demo(params, return_state=True)
-    if not state.is_completed():
-        print(f"multitag demo: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr)
+    result = _run_flow("demo", demo, params)
+    if result is None:
         return EXIT_FAILED
-    print_demo_summary(state.result())
+    print_demo_summary(result)
     return EXIT_OK
 
 
@@ -326,6 +319,17 @@ def _prepare_runtime() -> None:
     from multitag.runtime import configure_cpu_runtime
 
     configure_cpu_runtime()
+
+
+def _run_flow(command: str, flow_fn, params):  # -> the flow's result, or None if it failed
+    """Run a flow to its final state; a failure is reported on stderr, not as a traceback."""
+    state = flow_fn(params, return_state=True)
+    if state.is_completed():
+        return state.result()
+    print(
+        f"multitag {command}: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr
+    )
+    return None
 
 
 def _state_error(state) -> str:  # a prefect State

@@ -1,0 +1,67 @@
+"""`multitag retrain` and `multitag models ...` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from multitag import registry
+from multitag.shapes import make_shapes_dataset
+from tests.tagging_helpers import register_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_models_list_show_promote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    tiny = register_tiny_model(home, tmp_path / "work")
+    other = tiny.register_copy("v-other")
+
+    assert main(["models", "list", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    champion_line = next(line for line in out.splitlines() if tiny.version in line)
+    assert champion_line.startswith("*") and other in out
+
+    assert main(["models", "show", other, "--home", str(home)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == other and "metrics" in shown
+
+    assert main(["models", "promote", other, "--home", str(home)]) == 0
+    assert registry.get_champion(str(home))["version"] == other
+    assert main(["models", "show", "no-such-version", "--home", str(home)]) == 2
+    assert "no-such-version" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_retrain_cli_exits_nonzero_on_a_broken_contract(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = make_shapes_dataset(tmp_path / "ds", n_train=40, n_test=4, img_size=32, seed=2)
+    (src / "train" / "000003.jpg").write_bytes(b"not a jpeg")
+    rc = main(
+        [
+            "retrain",
+            "--data",
+            str(src),
+            "--arch",
+            "shapes_cnn",
+            "--no-pretrained",
+            "--epochs",
+            "1",
+            "--img-size",
+            "32",
+            "--home",
+            str(tmp_path / "home"),
+        ]
+    )
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "breaks its data contract" in err and "contract_report.csv" in err
+
+
+def test_retrain_cli_rejects_bad_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["retrain", "--epochs", "0"]) == 2
+    assert "epochs" in capsys.readouterr().err
