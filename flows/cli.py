@@ -288,7 +288,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="offline end to end: shapes dataset -> retrain -> tag, on Prefect's local server",
     )
-    p.add_argument("--images", type=int, help="labelled images to generate (default 2000)")
+    p.add_argument("--images", type=int, help="labelled images to generate (default 6000)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--home", help="storage root (default MULTITAG_HOME)")
     p.set_defaults(func=_cmd_demo)

@@ -28,7 +28,7 @@ def configure_cpu_runtime(threads: int | None = None) -> int:
 
 
 def pick_device(preferred: str = "auto") -> str:
-    """'cuda' when asked for or available (auto), else 'cpu'; a missing GPU that was asked for is an error."""
+    """'cuda' if asked for or available (auto), else 'cpu'; a missing GPU asked for is an error."""
     import torch
 
     if preferred == "cpu":

@@ -1,0 +1,483 @@
+"""Multi-label training with fastai: the fastbook recipe, made reproducible and offline-safe.
+
+DataBlock(ImageBlock, MultiCategoryBlock) over train.csv, `vision_learner` with
+BCEWithLogitsLossFlat (sigmoid per label, so "none of these" is a legal answer), metrics
+accuracy_multi and mAP; `fine_tune` from pretrained weights, `fit_one_cycle` from random init.
+
+Only training code paths import this module (it imports fastai at the top). Everything an
+exported learner refers to at load time lives in `multitag.models`, never here, so
+`load_learner_file` works in a process that never trained.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import urllib.error
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Imported for their side effect: they patch Learner with to_channelslast, to_bf16/to_fp32,
+# no_bar, and fit_one_cycle/fine_tune/lr_find.
+import fastai.callback.channelslast
+import fastai.callback.fp16
+import fastai.callback.progress
+import fastai.callback.schedule  # noqa: F401
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.data.block import DataBlock, MultiCategoryBlock
+from fastai.data.transforms import ColReader, ColSplitter
+from fastai.learner import Learner, Recorder
+from fastai.losses import BCEWithLogitsLossFlat
+from fastai.metrics import AccumMetric, ActivationType, accuracy_multi
+from fastai.torch_core import set_seed
+from fastai.vision.augment import DihedralItem, Resize, ResizeMethod, aug_transforms
+from fastai.vision.core import imagenet_stats
+from fastai.vision.data import ImageBlock
+from fastai.vision.learner import vision_learner
+
+from multitag.config import TrainParams
+from multitag.models import mean_average_precision, shapes_cnn
+
+REQUIRED_COLUMNS = ("fname", "labels", "is_valid")
+_BOOL_SPELLINGS = {"true": True, "false": False, "1": True, "0": False}
+_INFO_ATTR = "multitag_info"  # dict stored on the learner; travels inside model.pkl
+
+
+class TrainingError(Exception):
+    """Training cannot start or finish; the message says what to change."""
+
+
+class PretrainedWeightsUnavailable(TrainingError):
+    """pretrained=True, but the weights are neither on disk nor downloadable (offline)."""
+
+
+@dataclass
+class TrainResult:
+    learner: Learner
+    vocab: list[str]
+    history: list[dict[str, Any]]
+    wall_time_s: float
+    device: str
+    n_train: int
+    n_valid: int
+    lr: float  # the peak learning rate used (lr_find's suggestion when params.lr is None)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def read_training_table(dataset_dir: Path) -> pd.DataFrame:
+    """Parse train.csv into fname (str), labels (str, '' = none), is_valid (real bool).
+
+    Why not `pd.read_csv` defaults: an empty labels cell would become NaN, and fastai's
+    ColSplitter treats the *string* 'False' as true, putting every row in validation.
+    """
+    path = Path(dataset_dir) / "train.csv"
+    if not path.is_file():
+        raise TrainingError(f"{path} not found: a dataset needs train.csv next to train/.")
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    return normalise_table(raw, source=str(path))
+
+
+def normalise_table(table: pd.DataFrame, source: str = "table") -> pd.DataFrame:
+    """Coerce a parsed table (ours or the contract report's) to the exact types training needs."""
+    table = table.rename(columns=lambda c: str(c).strip())
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise TrainingError(f"{source}: missing column(s) {missing}; expected {REQUIRED_COLUMNS}.")
+    out = pd.DataFrame(
+        {
+            "fname": table["fname"].astype(str).str.strip(),
+            "labels": [_normalise_labels(v) for v in table["labels"]],
+            "is_valid": [_parse_bool(v, i, source) for i, v in enumerate(table["is_valid"])],
+        }
+    )
+    out["is_valid"] = out["is_valid"].astype(bool)
+    if not out["is_valid"].any() or out["is_valid"].all():
+        raise TrainingError(
+            f"{source}: needs at least one training row and one validation row "
+            f"(is_valid True: {int(out['is_valid'].sum())} of {len(out)})."
+        )
+    return out
+
+
+def _normalise_labels(value: Any) -> str:
+    """Single spaces between tokens, so label_delim=' ' never yields an empty label."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return " ".join(str(value).split())
+
+
+def _parse_bool(value: Any, row: int, source: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    key = str(value).strip().lower()
+    if key not in _BOOL_SPELLINGS:
+        raise TrainingError(
+            f"{source}: row {row + 2} (line in the CSV) has is_valid={value!r}; "
+            "use True/False, true/false or 1/0."
+        )
+    return _BOOL_SPELLINGS[key]
+
+
+def label_vocab(table: pd.DataFrame) -> list[str]:
+    """Sorted union of every label in train and valid rows (fastai's order: sorted)."""
+    return sorted({tok for labels in table["labels"] for tok in labels.split()})
+
+
+def cap_validation(table: pd.DataFrame, max_valid: int | None, seed: int) -> pd.DataFrame:
+    """Drop (never move to training) validation rows beyond `max_valid`, chosen by seed."""
+    valid_idx = np.flatnonzero(table["is_valid"].to_numpy())
+    if max_valid is None or len(valid_idx) <= max_valid:
+        return table
+    rng = np.random.default_rng(seed)
+    drop = rng.choice(valid_idx, size=len(valid_idx) - max_valid, replace=False)
+    return table.drop(index=table.index[drop]).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- model choice
+
+
+def resolve_arch(name: str) -> Callable[..., Any] | str:
+    """torchvision builder, 'shapes_cnn', or a timm name (string: fastai builds it via timm)."""
+    if name == "shapes_cnn":
+        return shapes_cnn
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model_builder(name)
+    import timm
+
+    if timm.is_model(name):
+        return name
+    raise TrainingError(
+        f"Unknown arch {name!r}: use 'shapes_cnn', a torchvision classification model "
+        "(resnet18, resnet34, resnet50, convnext_tiny, ...) or a timm model name "
+        "(see timm.list_models())."
+    )
+
+
+def _pretrained_error(arch: str, err: BaseException) -> PretrainedWeightsUnavailable:
+    """Say exactly where the weights file must go for fastai to find it offline."""
+    import torchvision
+
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+        fname = url.rsplit("/", 1)[-1]
+        where = Path(torch.hub.get_dir()) / "checkpoints" / fname
+        return PretrainedWeightsUnavailable(
+            f"pretrained=True needs ImageNet weights for {arch!r}, which could not be "
+            f"downloaded ({err}). To train offline, place the file {fname} (from {url}) in "
+            f"$TORCH_HOME/hub/checkpoints/ (here: {where}); torchvision loads it from there "
+            "without a network. Or pass pretrained=False to train from random init."
+        )
+    return PretrainedWeightsUnavailable(
+        f"pretrained=True needs weights for timm model {arch!r}, which could not be "
+        f"downloaded ({err}). timm reads them from the Hugging Face cache: on a connected "
+        f"machine run `huggingface-cli download timm/{arch}` and copy $HF_HOME/hub here "
+        "(set HF_HUB_OFFLINE=1 to skip the retries), or pass pretrained=False."
+    )
+
+
+def _offline_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [urllib.error.URLError, ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        errors.append(LocalEntryNotFoundError)
+    except ImportError:  # timm without huggingface_hub cannot download at all: nothing to add
+        pass
+    return tuple(errors)
+
+
+# --------------------------------------------------------------------------- data + learner
+
+
+def pick_training_device(preferred: str) -> str:
+    from multitag.runtime import configure_cpu_runtime, pick_device
+
+    device = pick_device(preferred)
+    if device == "cpu":
+        configure_cpu_runtime()
+    return device
+
+
+def build_dataloaders(
+    dataset_dir: Path, table: pd.DataFrame, params: TrainParams, device: str
+) -> Any:
+    """The fastbook multi-label DataBlock; squish-resize so tagging can mirror it exactly."""
+    vocab = label_vocab(table)
+    item_tfms: list[Any] = [Resize(params.img_size, method=ResizeMethod.Squish)]
+    batch_tfms: list[Any] = []
+    if params.augment == "standard":
+        batch_tfms += aug_transforms(max_rotate=10.0, max_zoom=1.1, max_warp=0.1)
+    elif params.augment == "dihedral":
+        item_tfms.append(DihedralItem(p=1.0))  # a RandTransform: training split only
+    dblock = DataBlock(
+        blocks=(ImageBlock, MultiCategoryBlock(vocab=vocab)),
+        get_x=ColReader("fname", pref=Path(dataset_dir) / "train"),
+        get_y=ColReader("labels", label_delim=" "),
+        splitter=ColSplitter("is_valid"),
+        item_tfms=item_tfms,
+        batch_tfms=batch_tfms,
+    )
+    n_train = int((~table["is_valid"]).sum())
+    # The training loader drops the last partial batch: a batch bigger than the set is empty.
+    bs = max(1, min(params.batch_size, n_train))
+    return dblock.dataloaders(
+        table, bs=bs, num_workers=_num_workers(params, device), device=torch.device(device)
+    )
+
+
+def _num_workers(params: TrainParams, device: str) -> int:
+    if params.num_workers is not None:
+        return params.num_workers
+    if device == "cpu":
+        return 0  # measured on 2 cores: worker processes cost more than they overlap
+    from multitag.runtime import available_cpus
+
+    return min(8, available_cpus())
+
+
+def build_learner(dls: Any, params: TrainParams) -> Learner:
+    arch = resolve_arch(params.arch)
+    map_metric = AccumMetric(
+        mean_average_precision,
+        activation=ActivationType.Sigmoid,
+        flatten=False,
+        to_np=True,
+        invert_arg=True,
+        name="mAP",
+    )
+    try:
+        learn = vision_learner(
+            dls,
+            arch,
+            pretrained=params.pretrained,
+            loss_func=BCEWithLogitsLossFlat(),
+            metrics=[accuracy_multi, map_metric],
+            ps=params.head_dropout,
+        )
+    except _offline_errors() as err:
+        raise _pretrained_error(params.arch, err) from err
+    _ensure_normalize(learn.dls)
+    return learn
+
+
+def _ensure_normalize(dls: Any) -> None:
+    """fastai adds Normalize only for pretrained models; random init needs it just as much."""
+    from fastai.data.transforms import Normalize
+
+    if not any(isinstance(t, Normalize) for t in dls.after_batch.fs):
+        dls.add_tfms([Normalize.from_stats(*imagenet_stats)], "after_batch")
+
+
+class _EpochReporter(Callback):
+    """Turns the Recorder's row for each epoch into a dict; runs right after Recorder."""
+
+    order = Recorder.order + 1
+
+    def __init__(self, history: list[dict[str, Any]], on_epoch: Callable[[dict], None] | None):
+        self.history, self.on_epoch = history, on_epoch
+
+    def before_epoch(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_epoch(self) -> None:
+        names = [str(n) for n in self.recorder.metric_names[1:-1]]  # drop 'epoch' and 'time'
+        values = [float(v) for v in self.recorder.values[-1]]
+        row: dict[str, Any] = {"epoch": len(self.history) + 1}
+        row.update(zip(names, values, strict=True))
+        row["time_s"] = round(time.perf_counter() - self._t0, 3)
+        self.history.append(row)
+        if self.on_epoch is not None:
+            self.on_epoch(dict(row))
+
+
+def _use_gpu_speedups(learn: Learner) -> None:
+    """bf16 autocast where the GPU supports it (no loss scaling needed), else fp16."""
+    amp_mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    learn.to_channelslast(use_amp=True, amp_mode=amp_mode)
+
+
+def _find_lr(learn: Learner) -> float:
+    """lr_find saves and restores a temporary checkpoint under learn.path: keep it in a tmp dir."""
+    old_path = learn.path
+    with tempfile.TemporaryDirectory(prefix="multitag-lrfind-") as tmp:
+        learn.path = Path(tmp)
+        try:
+            with learn.no_bar(), learn.no_logging():
+                suggestion = learn.lr_find(show_plot=False)
+        finally:
+            learn.path = old_path
+    lr = float(suggestion.valley)
+    if not math.isfinite(lr) or lr <= 0:
+        raise TrainingError(f"lr_find suggested an unusable learning rate ({lr}); pass lr.")
+    return lr
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def train(
+    dataset_dir: Path,
+    params: TrainParams,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    table: pd.DataFrame | None = None,
+) -> TrainResult:
+    """Train on dataset_dir (PASCAL layout). `table` may be a contract report's parsed table."""
+    t0 = time.perf_counter()
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / "train").is_dir():
+        raise TrainingError(f"{dataset_dir}/train/ not found: images must sit under train/.")
+    table = read_training_table(dataset_dir) if table is None else normalise_table(table)
+    table = cap_validation(table, params.max_valid_images, params.seed)
+    if not label_vocab(table):
+        raise TrainingError(f"{dataset_dir}/train.csv has no labels at all: nothing to learn.")
+    if params.pretrained and params.arch == "shapes_cnn":
+        raise TrainingError("shapes_cnn has no pretrained weights: set pretrained=False.")
+    device = pick_training_device(params.device)
+    set_seed(params.seed, reproducible=True)
+    dls = build_dataloaders(dataset_dir, table, params, device)
+    learn = build_learner(dls, params)
+    if device == "cuda":
+        _use_gpu_speedups(learn)
+    lr = params.lr if params.lr is not None else _find_lr(learn)
+    history: list[dict[str, Any]] = []
+    cbs = [_EpochReporter(history, on_epoch)]
+    with learn.no_bar(), learn.no_logging():
+        if params.pretrained:
+            learn.fine_tune(params.epochs, base_lr=lr, freeze_epochs=params.freeze_epochs, cbs=cbs)
+        else:
+            learn.fit_one_cycle(params.epochs, lr, cbs=cbs)
+    vocab = [str(v) for v in learn.dls.vocab]
+    setattr(
+        learn,
+        _INFO_ATTR,
+        {
+            "arch": params.arch,
+            "img_size": params.img_size,
+            "vocab": vocab,
+            "resize_method": "squish",
+        },
+    )
+    return TrainResult(
+        learner=learn,
+        vocab=vocab,
+        history=history,
+        wall_time_s=round(time.perf_counter() - t0, 3),
+        device=device,
+        n_train=len(learn.dls.train_ds),
+        n_valid=len(learn.dls.valid_ds),
+        lr=float(lr),
+    )
+
+
+def predict_validation(learner: Learner) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and true labels of the validation split, both (N, L) in vocab order."""
+    if len(learner.dls.valid_ds) == 0:
+        raise TrainingError(
+            "this learner has no validation items (an exported/loaded learner keeps none); "
+            "call predict_validation on the learner returned by train()."
+        )
+    with learner.no_bar():
+        probs, targets = learner.get_preds(dl=learner.dls.valid)
+    return probs.float().numpy().astype(np.float32), targets.numpy() > 0.5
+
+
+def predict_files(learner: Learner, files: Sequence[Path], batch_size: int = 64) -> np.ndarray:
+    """Sigmoid scores (N, L) for image files, with the validation transforms."""
+    n_labels = len(learner.dls.vocab)
+    if len(files) == 0:
+        return np.zeros((0, n_labels), dtype=np.float32)
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) not found, first: {missing[0]}")
+    dl = learner.dls.test_dl([Path(f) for f in files], bs=batch_size, num_workers=0)
+    with learner.no_bar():
+        probs, _ = learner.get_preds(dl=dl)
+    return probs.float().numpy().astype(np.float32)
+
+
+def export_learner(learner: Learner, path: Path, thresholds: np.ndarray | float) -> Path:
+    """Set loss_func.thresh (so fastai's own `predict` applies our thresholds), then export.
+
+    A per-label tensor works because BCEWithLogitsLossFlat.decodes is `probs > thresh`,
+    which broadcasts over the label axis. Written to a temporary name, then renamed.
+    """
+    thresh = _threshold_value(thresholds, len(learner.dls.vocab))
+    learner.loss_func.thresh = thresh
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        learner.export(tmp.absolute())  # absolute: fastai joins learner.path / fname
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _threshold_value(thresholds: np.ndarray | float, n_labels: int) -> float | torch.Tensor:
+    arr = np.asarray(thresholds, dtype=np.float32)
+    if arr.ndim == 0:
+        values, result = arr.reshape(1), float(arr)
+    elif arr.shape == (n_labels,):
+        values, result = arr, torch.from_numpy(arr.copy())
+    else:
+        raise ValueError(
+            f"thresholds must be a float or one value per label ({n_labels}); "
+            f"got shape {arr.shape}."
+        )
+    if not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"thresholds are probabilities and must lie in [0, 1]; got {values}.")
+    return result
+
+
+def load_learner_file(path: Path, cpu: bool = True) -> Learner:
+    """Unpickle an exported learner. Only for files whose sha256 was checked (see registry).
+
+    Mirrors fastai's `load_learner`, which hides an ImportError (say, timm not installed)
+    behind an UnboundLocalError; here the real error propagates.
+    """
+    import multitag.models  # noqa: F401  (the pickle refers to builders/metrics in it)
+
+    map_location = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
+    learn = torch.load(Path(path), map_location=map_location, weights_only=False)
+    if not isinstance(learn, Learner):
+        raise TrainingError(f"{path} does not hold a fastai Learner (got {type(learn).__name__}).")
+    if cpu:
+        learn.dls.cpu()
+        if hasattr(learn, "channels_last"):
+            learn = learn.to_contiguous(to_fp32=True)
+        elif hasattr(learn, "mixed_precision"):
+            learn = learn.to_fp32()
+    return learn
+
+
+def inference_spec(learner: Learner) -> dict[str, Any]:
+    """What a plain-torch tagger needs to preprocess exactly as training did."""
+    from fastai.data.transforms import Normalize
+
+    info = getattr(learner, _INFO_ATTR, None)
+    if info is None:
+        raise TrainingError("learner was not produced by multitag.training.train (no info).")
+    norms = [t for t in learner.dls.after_batch.fs if isinstance(t, Normalize)]
+    if len(norms) != 1:
+        raise TrainingError(f"expected exactly one Normalize transform, found {len(norms)}.")
+    return {
+        "img_size": int(info["img_size"]),
+        "mean": [float(v) for v in norms[0].mean.flatten().cpu()],
+        "std": [float(v) for v in norms[0].std.flatten().cpu()],
+        "vocab": [str(v) for v in learner.dls.vocab],
+        "arch": str(info["arch"]),
+        "resize_method": str(info["resize_method"]),
+    }
