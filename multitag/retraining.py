@@ -134,9 +134,24 @@ def threshold_stage(stage_dir: str | Path, params: ThresholdParams) -> dict[str,
         evaluation["test"] = th.evaluate(
             test["probs"], test["targets"], chosen.as_array(), vocab
         ).to_dict()
+        evaluation["test_global_policy"] = _global_policy_on_test(valid, test, vocab, params)
         evaluation["test_best_global"] = _best_global_on(test["probs"], test["targets"], vocab)
     _write_json(stage / STAGE_EVALUATION, evaluation)
     return {"thresholds": chosen.to_json(), "evaluation": evaluation}
+
+
+def _global_policy_on_test(
+    valid: Any, test: Any, vocab: list[str], params: ThresholdParams
+) -> dict[str, Any]:
+    """The single global threshold chosen on validation, judged on test: the baseline the
+    chosen policy must match or beat on images neither was chosen on."""
+    from multitag import thresholds as th
+
+    glob = th.select_thresholds(
+        valid["probs"], valid["targets"], vocab, params.model_copy(update={"policy": "global"})
+    )
+    ev = th.evaluate(test["probs"], test["targets"], glob.as_array(), vocab).to_dict()
+    return {"threshold": glob.global_threshold, **{k: ev[k] for k in _HEADLINE if k in ev}}
 
 
 def _best_global_on(probs: np.ndarray, targets: np.ndarray, vocab: list[str]) -> dict[str, Any]:
@@ -189,6 +204,7 @@ def register_stage(
     metrics = {
         "validation": evaluation["validation"],
         "test": evaluation.get("test"),
+        "test_global_policy": evaluation.get("test_global_policy"),
         "test_best_global": evaluation.get("test_best_global"),
         "history": train_info["history"],
         "dataset": dataset,
