@@ -712,6 +712,7 @@ def _use_fast_path(tagger: Tagger, loaded: Any, params: TagParams) -> None:
             thresholds=tagger.thresholds,
             model_sha256=loaded.sha256,
             sample=lambda n: sample_images(params.source, tagger.decode, n),
+            batch_size=params.batch_size,
         )
     except fastpath.FastPathError as exc:
         raise TaggingError(str(exc)) from exc

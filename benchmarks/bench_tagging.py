@@ -1,0 +1,370 @@
+"""Tagging throughput, as a user runs it, against fastai's own batch inference; and ceilings.
+
+    python -m benchmarks.bench_tagging [--quick] [--archs resnet18,resnet50] [--no-record]
+
+For each architecture (random init, trained one short epoch on shapes at 224 px: enough for
+throughput, not for accuracy) and each photo size (VOC 500x375, phone 2000x1500 JPEGs):
+
+- `multitag tag` as a subprocess (Prefect start, listing, decode, model, Parquet write, all of
+  it): images / wall second, median of `repeats` runs after a warm-up run (which also builds
+  and checks the fast path; its build time is reported separately);
+- the fastai baseline `learn.get_preds(dl=learn.dls.test_dl(files))` on the same exported
+  model.pkl and a subset of the same images, in this process, and `learn.predict` per image;
+- label agreement: `multitag tag`'s labels vs the baseline's `probs > thresholds`;
+- ceilings: the forward pass alone on pre-decoded batches of 64 for each precision, and
+  decoding alone (one thread).
+
+Agreement on a *trained* model: a shapes_cnn trained at 64 px (accuracy_multi > 0.9) tags
+VOC-sized photos; this is where reduced precision could flip decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    bench_env,
+    environment_line,
+    make_photos,
+    median_rate,
+    multitag_cli,
+    record,
+    run_measured,
+    table,
+)
+
+SECTION = "## Tagging throughput"
+CEILING_SECTION = "## Ceilings: forward pass and decode alone"
+SIZES = {"voc": (500, 375), "phone": (2000, 1500)}
+
+
+@dataclass
+class Plan:
+    n_tag: dict[str, int]  # images per `multitag tag` run, per photo size
+    n_base: dict[str, int]  # images for get_preds (a prefix of the same folder)
+    n_predict: int
+    repeats: int
+    agree_epochs: int
+
+
+FULL = Plan({"voc": 800, "phone": 300}, {"voc": 160, "phone": 96}, 16, 3, 6)
+QUICK = Plan({"voc": 400, "phone": 200}, {"voc": 64, "phone": 64}, 8, 3, 4)
+
+
+# ================================================================================ models
+
+
+def register_trained(
+    home: Path, work: Path, *, arch: str, img_size: int, n_train: int, epochs: int
+) -> dict[str, Any]:
+    """Train on a shapes set, pick thresholds, export, register and promote (as retrain does)."""
+    from multitag import registry, training
+    from multitag import thresholds as th
+    from multitag.config import ThresholdParams, TrainParams
+    from multitag.shapes import make_shapes_dataset
+
+    shutil.rmtree(work / f"shapes-{img_size}", ignore_errors=True)  # the generator never overwrites
+    dataset = make_shapes_dataset(work / f"shapes-{img_size}", n_train=n_train, n_test=4,
+                                  img_size=img_size)  # fmt: skip
+    params = TrainParams(arch=arch, pretrained=False, img_size=img_size, batch_size=32,
+                         epochs=epochs, lr=3e-3, augment="none", head_dropout=0.1)  # fmt: skip
+    result = training.train(dataset, params)
+    probs, targets = training.predict_validation(result.learner)
+    ts = th.select_thresholds(probs, targets, result.vocab, ThresholdParams(policy="global"))
+    model_file = training.export_learner(result.learner, work / f"{arch}.pkl", ts.as_array())
+    evaluation = th.evaluate(probs, targets, ts, result.vocab).to_dict()
+    version = registry.register_model(
+        str(home), learner_file=model_file, thresholds=ts.to_json(),
+        metrics={"validation": evaluation}, inference=training.inference_spec(result.learner),
+        report_files={},
+    )  # fmt: skip
+    registry.promote(str(home), version)
+    return {
+        "version": version,
+        "model_file": model_file,
+        "thresholds": ts,
+        "accuracy_multi": evaluation.get("accuracy_multi"),
+        "train_s": result.wall_time_s,
+    }
+
+
+# ========================================================================== multitag tag
+
+
+def run_multitag_tag(root: Path, source: Path, run: str, precision: str = "auto") -> dict:
+    """One `multitag tag` subprocess into a fresh output folder: wall s, RSS, manifest."""
+    out = root / "tags" / run
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["nice", "-n", "0", multitag_cli(), "tag", str(source), "--out", str(out),
+           "--precision", precision, "--shard-size", "1000"]  # fmt: skip
+    wall, rss, _ = run_measured(cmd, bench_env(root))
+    manifest = json.loads(next((out).glob("*/_manifests/*.json")).read_text())
+    return {"wall_s": wall, "rss_mib": rss, "manifest": manifest, "out": out}
+
+
+def read_labels(out: Path) -> dict[str, list[str]]:
+    import pyarrow.dataset as ds
+
+    tbl = ds.dataset(str(next(out.glob("*/model=*"))), format="parquet").to_table(
+        columns=["image_uri", "labels", "error"]
+    )
+    rows = tbl.to_pylist()
+    bad = [r["image_uri"] for r in rows if r["error"]]
+    if bad:
+        raise RuntimeError(f"{len(bad)} images failed to tag, first {bad[0]}")
+    return {Path(r["image_uri"]).name: r["labels"] for r in rows}
+
+
+def fast_path_record(root: Path) -> dict[str, Any] | None:
+    found = sorted((root / "cache" / "fastpath").glob("*/fastpath.json"))
+    return json.loads(found[-1].read_text()) if found else None
+
+
+# ================================================================ fastai baselines
+
+
+def load_learner(model_file: Path) -> Any:
+    from multitag.training import load_learner_file
+
+    return load_learner_file(model_file)
+
+
+def get_preds_probs(learn: Any, files: list[Path]) -> np.ndarray:
+    with learn.no_bar():
+        probs, _ = learn.get_preds(dl=learn.dls.test_dl(files))
+    return probs.float().numpy()
+
+
+def predict_one_by_one(learn: Any, files: list[Path]) -> int:
+    with learn.no_bar(), learn.no_logging():
+        for f in files:
+            learn.predict(f)
+    return len(files)
+
+
+def agreement(labels: dict[str, list[str]], probs: np.ndarray, files: list[Path],
+              thresholds: Any) -> float:  # fmt: skip
+    """Image-label decisions of `multitag tag` equal to fastai fp32 get_preds's."""
+    from multitag.thresholds import apply_thresholds
+
+    base = apply_thresholds(probs.astype(np.float32), thresholds)
+    vocab = list(thresholds.vocab)
+    ours = np.array([[v in labels[f.name] for v in vocab] for f in files])
+    return float(np.mean(ours == base))
+
+
+# ================================================================================ ceilings
+
+
+def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, root: Path,
+                     batch: int, repeats: int) -> dict[str, float]:  # fmt: skip
+    """img/s of each scorer on a pre-decoded uint8 batch (no decode, no I/O)."""
+    from multitag import fastpath
+    from multitag.tagging import TorchScorer
+
+    size, mean, std = spec["img_size"], spec["mean"], spec["std"]
+    n_labels = len(spec["vocab"])
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    scorers: dict[str, Any] = {
+        "torch-fp32": TorchScorer(learn.model, mean=mean, std=std, n_labels=n_labels)
+    }
+    if fastpath.bf16_supported():
+        scorers["torch-bf16"] = fastpath.bf16_scorer(learn.model, mean, std, n_labels)
+    if record_ is not None:
+        folder = Path(root / "cache" / "fastpath")
+        d = next(p for p in folder.iterdir() if p.is_dir() and (p / "fastpath.json").exists())
+        scorers["onnx-fp32"] = fastpath.OrtScorer(d / fastpath.FP32_ONNX, mean=mean, std=std,
+                                                  n_labels=n_labels)  # fmt: skip
+        scorers["onnx-int8"] = fastpath.OrtScorer(d / fastpath.INT8_ONNX, mean=mean, std=std,
+                                                  n_labels=n_labels)  # fmt: skip
+    out = {}
+    for name, scorer in scorers.items():
+        rate, _ = median_rate(lambda s=scorer: len(s.score_batch(imgs)), repeats)
+        out[name] = rate
+    return out
+
+
+def decode_ceiling(files: list[Path], img_size: int, repeats: int) -> float:
+    from multitag.imaging import decode_image
+
+    blobs = [f.read_bytes() for f in files]
+    return median_rate(
+        lambda: sum(1 for b in blobs if decode_image(b, img_size, resize_method="squish")),
+        repeats,
+    )[0]
+
+
+# ================================================================================ main
+
+
+def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]]) -> dict:
+    import torch
+
+    root = work / arch
+    shutil.rmtree(root / "home", ignore_errors=True)
+    shutil.rmtree(root / "cache", ignore_errors=True)
+    t0 = time.perf_counter()
+    model = register_trained(root / "home", root, arch=arch, img_size=224, n_train=64, epochs=1)
+    print(f"[{arch}] trained + registered in {time.perf_counter() - t0:.0f} s")
+    learn = load_learner(model["model_file"])
+    torch.set_num_threads(os.cpu_count() or 1)
+    results: dict[str, Any] = {"arch": arch, "sizes": {}}
+    rec = None
+    for size, files in photos.items():
+        src = files[0].parent
+        warm = run_multitag_tag(root, src, f"{size}-warm")
+        rec = rec or fast_path_record(root)
+        runs = [run_multitag_tag(root, src, f"{size}-{i}") for i in range(plan.repeats)]
+        n = plan.n_tag[size]
+        e2e = statistics.median(n / r["wall_s"] for r in runs)
+        tag_phase = statistics.median(r["manifest"]["images_per_s"] for r in runs)
+        scoring = statistics.median(n / r["manifest"]["seconds"]["sum_model_s"] for r in runs)
+        base_files = files[: plan.n_base[size]]
+        base_rate, _ = median_rate(lambda bf=base_files: len(get_preds_probs(learn, bf)),
+                                   plan.repeats)  # fmt: skip
+        probs = get_preds_probs(learn, base_files)
+        agree = agreement(read_labels(runs[0]["out"]), probs, base_files, model["thresholds"])
+        pred_rate, _ = median_rate(
+            lambda s=files[: plan.n_predict]: predict_one_by_one(learn, s), plan.repeats
+        )
+        results["sizes"][size] = {
+            "e2e": e2e, "tag_phase": tag_phase, "scoring": scoring, "get_preds": base_rate,
+            "predict": pred_rate,
+            "agreement": agree, "warm_wall_s": warm["wall_s"],
+            "rss_mib": statistics.median(r["rss_mib"] for r in runs),
+        }  # fmt: skip
+        print(f"[{arch}/{size}] {results['sizes'][size]}")
+    results["record"] = rec
+    spec = json.loads(json.dumps(_spec_of(root)))
+    results["ceilings"] = forward_ceilings(learn, spec, rec, root, 64, plan.repeats)
+    results["accuracy_multi"] = model["accuracy_multi"]
+    return results
+
+
+def _spec_of(root: Path) -> dict[str, Any]:
+    inf = next((root / "home").glob("models/*/inference.json"))
+    return json.loads(inf.read_text())
+
+
+def bench_trained_agreement(plan: Plan, work: Path, photos: list[Path]) -> dict[str, Any]:
+    """A model that learned something: do the fast path's decisions match fp32 fastai's?"""
+    root = work / "trained"
+    shutil.rmtree(root / "home", ignore_errors=True)
+    shutil.rmtree(root / "cache", ignore_errors=True)
+    model = register_trained(root / "home", root, arch="shapes_cnn", img_size=64, n_train=1000,
+                             epochs=plan.agree_epochs)  # fmt: skip
+    run = run_multitag_tag(root, photos[0].parent, "trained")
+    learn = load_learner(model["model_file"])
+    probs = get_preds_probs(learn, photos)
+    rec = fast_path_record(root)
+    return {
+        "accuracy_multi": model["accuracy_multi"],
+        "agreement_e2e": agreement(read_labels(run["out"]), probs, photos, model["thresholds"]),
+        "record": rec,
+        "n_images": len(photos),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images (still 3 runs)")
+    parser.add_argument("--archs", default="resnet18,resnet50")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/multitag-bench"))
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--skip-trained", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    plan = QUICK if args.quick else FULL
+    env_line = environment_line()
+    photos = {
+        s: make_photos(args.work / "photos" / f"{s}-{plan.n_tag[s]}", plan.n_tag[s], SIZES[s])
+        for s in SIZES
+    }
+    all_results = [bench_arch(a, plan, args.work, photos) for a in args.archs.split(",")]
+    trained = None
+    if not args.skip_trained:
+        trained = bench_trained_agreement(plan, args.work, photos["voc"][: plan.n_base["voc"]])
+    decode = {s: decode_ceiling(photos[s][:32], 224, plan.repeats) for s in SIZES}
+    block = report(all_results, trained, decode, plan, env_line, args.quick)
+    print(block)
+    if not args.no_record:
+        record(SECTION, block)
+    return {"results": all_results, "trained": trained, "decode": decode}
+
+
+def report(results: list[dict], trained: dict | None, decode: dict[str, float], plan: Plan,
+           env_line: str, quick: bool) -> str:  # fmt: skip
+    rows = []
+    for r in results:
+        rec = r["record"] or {}
+        chosen = rec.get("chosen", "fp32 (no fast path)")
+        for size, s in r["sizes"].items():
+            ratio = s["e2e"] / s["get_preds"]
+            target = 3.0 if size == "voc" else 5.0
+            verdict = "met" if ratio >= target else "NOT met"
+            ceiling = r["ceilings"].get(chosen if chosen in r["ceilings"] else "torch-fp32")
+            rows.append([
+                r["arch"], f"{size} {SIZES[size][0]}x{SIZES[size][1]}", plan.n_tag[size],
+                chosen, f"{s['e2e']:.1f}", f"{s['tag_phase']:.1f}", f"{s['get_preds']:.1f}",
+                f"{s['predict']:.1f}", f"**{ratio:.2f}x** ({verdict}, target {target:.0f}x)",
+                f"{s['agreement']:.4%}",
+                f"{s['tag_phase'] / ceiling:.0%} ({s['scoring'] / ceiling:.0%}) of {ceiling:.1f}",
+                f"{s['rss_mib']}",
+            ])  # fmt: skip
+    head = ["model", "photos", "n", "fast path (auto)", "multitag tag img/s (e2e)",
+            "tag phase img/s", "get_preds img/s", "predict img/s", "e2e / get_preds",
+            "decisions = fastai fp32", "tag phase (scoring stage) vs forward ceiling",
+            "peak RSS MiB"]  # fmt: skip
+    lines = [f"### {'Quick' if quick else 'Full'} run: {env_line}", "", table(head, rows), ""]
+    lines.append(
+        f"Medians of {plan.repeats} runs after a warm-up. e2e = images / wall seconds of the "
+        "whole `multitag tag` subprocess (Prefect ephemeral server start, listing, decode, "
+        "model, Parquet); tag phase = the manifest's images/s (includes loading the model "
+        "in the first shard task); scoring stage = images / seconds the scorer ran, decoding "
+        "running alongside. get_preds / predict: fastai on "
+        f"the same model.pkl, {plan.n_base} images / {plan.n_predict} images, in-process. "
+        "Agreement of these random-init models is on near-constant scores (see trained below)."
+    )
+    for r in results:
+        rec = r["record"]
+        if rec:
+            cands = ", ".join(
+                f"{k} {v['images_per_s']:.1f} img/s agree {v['agreement']:.4%}"
+                for k, v in rec["candidates"].items()
+            )
+            lines.append(f"- {r['arch']} fast-path check ({rec['n_check']} images, built in "
+                         f"{rec['build_s']} s): {cands}; chosen {rec['chosen']}")  # fmt: skip
+    if trained:
+        rec = trained["record"] or {}
+        cands = ", ".join(f"{k} {v['agreement']:.4%} ({v['n_flips']} flips)"
+                          for k, v in rec.get("candidates", {}).items())  # fmt: skip
+        lines.append(
+            f"- trained shapes_cnn (64 px, validation accuracy_multi "
+            f"{trained['accuracy_multi']:.3f}): `multitag tag` (auto -> {rec.get('chosen')}) "
+            f"decisions equal to fastai fp32 get_preds on {trained['n_images']} VOC-sized "
+            f"photos: **{trained['agreement_e2e']:.4%}**; check-set agreement vs torch fp32: "
+            f"{cands}"
+        )
+    ceil_rows = [[r["arch"], *(f"{v:.1f}" for v in r["ceilings"].values())] for r in results]
+    lines += ["", CEILING_SECTION.replace("## ", "#### "), ""]
+    names = list(results[0]["ceilings"]) if results else []
+    lines.append(table(["model (batch 64, img/s)", *names], ceil_rows))
+    lines.append("")
+    lines.append("Decode + resize to 224 alone, one thread (imaging.decode_image): " + ", ".join(
+        f"{s} {v:.1f} img/s" for s, v in decode.items()))  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

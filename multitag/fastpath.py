@@ -1,0 +1,587 @@
+"""Reduced-precision scorers for CPU tagging, used only where they keep fp32's decisions.
+
+Why this module: on a small CPU the model's forward pass is most of a tagging run, and eager
+fp32 torch is the slowest way to run it. ONNX Runtime (fp32, or int8 after static
+quantisation) and torch bf16 autocast + channels_last (oneDNN, AVX512-BF16/AMX) run the same
+network several times faster. Reduced precision moves scores a little, so a fast path is
+only trusted after measuring, on real images, that it makes the same label decisions as the
+fp32 torch model under the model's own thresholds (`DEFAULT_AGREEMENT_BAR` of image-label
+decisions identical).
+
+How it is used (`select_scorer`, called by `multitag.tagging.load_tagger`):
+
+- `precision="fp32"` never comes here: torch eager fp32, bit-stable scores.
+- `precision="auto"` on CPU: look up the fast-path record of this model (cache keyed by the
+  model file's sha256 + onnxruntime + torch versions); if missing, build it from a sample of
+  the images to tag (calibration and check sets disjoint), measure each candidate's decision
+  agreement and speed against torch fp32, and record it. The fastest candidate whose
+  agreement meets the bar is used; if none does, torch fp32, and the log says why.
+- `precision="int8"`: the int8 ONNX model whatever its agreement (logged if below the bar).
+
+The cache holds the ONNX files and `fastpath.json` (agreement, speed, sha256 of each file).
+A model version is immutable in the registry, so a record stays valid; a cached ONNX file
+whose sha256 no longer matches the record is never loaded: the record is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FASTPATH_FORMAT = "multitag-fastpath/1"
+RECORD_FILE = "fastpath.json"
+FP32_ONNX = "model.fp32.onnx"
+INT8_ONNX = "model.int8.onnx"
+DEFAULT_AGREEMENT_BAR = 0.995
+ONNX_OPSET = 17
+# Sample taken from the images to tag when no record exists: calibration, then check.
+N_CALIBRATION = 64
+N_CHECK = 128
+CHECK_BATCH = 64  # the tagger's default batch size
+# Candidate names, as recorded and as accepted by `make_scorer`.
+ORT_INT8 = "onnx-int8"
+TORCH_BF16 = "torch-bf16"
+ORT_FP32 = "onnx-fp32"
+TORCH_FP32 = "torch-fp32"
+
+
+class FastPathError(Exception):
+    """A fast path cannot be built or used; the message says what to do instead."""
+
+
+# ==================================================================== input preparation
+
+
+def normalise_batch(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), as TorchScorer does: x/255, then (x-m)/s.
+
+    Same float32 operations in the same order, so ONNX fp32 sees the inputs torch sees.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
+    x = images.transpose(0, 3, 1, 2).astype(np.float32)
+    x /= np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - m) / s)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Float32 logistic without overflow warnings for large negative logits."""
+    x = x.astype(np.float32, copy=False)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+# ============================================================================ ONNX files
+
+
+def export_onnx(model: Any, path: Path, img_size: int, *, opset: int = ONNX_OPSET) -> Path:
+    """Export a torch model (normalised float NCHW in, logits out) with a dynamic batch axis.
+
+    The TorchScript exporter (`dynamo=False`): it folds BatchNorm into the convolutions in
+    eval mode and needs no tracing of fastai's Python, in ~1 s for resnet50.
+    """
+    import warnings
+
+    import torch
+
+    model = model.eval()
+    dummy = torch.zeros(2, 3, img_size, img_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+class _BatchReader:
+    """onnxruntime CalibrationDataReader over normalised calibration batches."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self._it: Iterator[np.ndarray] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {"input": batch}
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> Path:
+    """Static int8 quantisation (QDQ, per-channel weights, MinMax activations).
+
+    `calibration`: normalised float32 (N, 3, H, W) images like the ones to tag; activation
+    ranges come from them, so they must be real images, not noise.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise FastPathError(f"calibration needs (N, 3, H, W) images; got {calibration.shape}")
+    batches = [calibration[i : i + 16] for i in range(0, len(calibration), 16)]
+    with tempfile.TemporaryDirectory(prefix="multitag-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(out_path),
+            _BatchReader(batches),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    return out_path
+
+
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    """A CPU session with spinning off: measured 6-20% faster on 2 cores shared with decoding."""
+    import onnxruntime as ort
+
+    from multitag.runtime import available_cpus
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or available_cpus()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class OrtScorer:
+    """`Scorer` over an ONNX model: numpy normalisation, ONNX Runtime logits, sigmoid."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        n_labels: int,
+        threads: int | None = None,
+        name: str = ORT_FP32,
+    ) -> None:
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.n_labels = n_labels
+        self.precision = name
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        x = normalise_batch(images, self.mean, self.std)
+        (logits,) = self.session.run(["logits"], {"input": x})
+        if logits.shape != (images.shape[0], self.n_labels):
+            raise FastPathError(
+                f"ONNX model {self.path} returned {logits.shape}, expected "
+                f"({images.shape[0]}, {self.n_labels}): model and vocab do not match"
+            )
+        return sigmoid(logits)
+
+
+# ============================================================================ agreement
+
+
+def decision_agreement(reference: np.ndarray, candidate: np.ndarray, thresholds: Any) -> float:
+    """Share of image-label decisions (score > threshold) that are identical.
+
+    `thresholds`: a ThresholdSet, an (L,) array or a float, as `apply_thresholds` takes.
+    """
+    from multitag.thresholds import apply_thresholds
+
+    if reference.shape != candidate.shape or reference.ndim != 2 or reference.size == 0:
+        raise ValueError(
+            f"need two equal non-empty (N, L) arrays; got {reference.shape} and {candidate.shape}"
+        )
+    a = apply_thresholds(reference.astype(np.float32), thresholds)
+    b = apply_thresholds(candidate.astype(np.float32), thresholds)
+    return float(np.mean(a == b))
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    agreement: float  # share of image-label decisions equal to torch fp32 on the check set
+    images_per_s: float  # on the check set, same process, after a warm-up batch
+    max_abs_diff: float  # largest |score - fp32 score|
+    n_flips: int
+    file: str | None = None  # ONNX file name in the record's folder
+    sha256: str | None = None
+
+
+@dataclass
+class FastPathRecord:
+    """What was measured for one model file; `fastpath.json` in its cache folder."""
+
+    model_sha256: str
+    versions: dict[str, str]
+    created_at: str
+    bar: float
+    n_calibration: int
+    n_check: int
+    n_labels: int
+    candidates: dict[str, CandidateResult]
+    chosen: str
+    reason: str
+    build_s: float
+    format: str = FASTPATH_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FastPathRecord:
+        if data.get("format") != FASTPATH_FORMAT:
+            raise FastPathError(
+                f"fast-path record format {data.get('format')!r} is not {FASTPATH_FORMAT}"
+            )
+        cands = {k: CandidateResult(**v) for k, v in data["candidates"].items()}
+        return cls(**{**data, "candidates": cands})
+
+
+def choose(candidates: dict[str, CandidateResult], bar: float) -> tuple[str, str]:
+    """The fastest candidate whose agreement meets `bar`, else torch fp32; and why."""
+    ok = [c for c in candidates.values() if c.name == TORCH_FP32 or c.agreement >= bar]
+    best = max(ok, key=lambda c: c.images_per_s) if ok else None
+    below = sorted(
+        f"{c.name} {c.agreement:.4%}"
+        for c in candidates.values()
+        if c.name != TORCH_FP32 and c.agreement < bar
+    )
+    note = f"; below the bar: {', '.join(below)}" if below else ""
+    if best is None or best.name == TORCH_FP32:
+        return TORCH_FP32, f"no faster path agrees with fp32 on >= {bar:.2%} of decisions{note}"
+    return best.name, (
+        f"{best.name}: {best.agreement:.4%} of decisions equal to fp32 (bar {bar:.2%}), "
+        f"{best.images_per_s:.1f} img/s{note}"
+    )
+
+
+# ================================================================================ cache
+
+
+def library_versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    return {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+
+def record_dir(model_sha256: str, root: Path | None = None) -> Path:
+    """Cache folder of one model file under one onnxruntime/torch pair."""
+    from multitag.registry import cache_dir
+
+    v = library_versions()
+    key = f"{model_sha256[:32]}-ort{v['onnxruntime']}-torch{v['torch']}"
+    return (root or cache_dir() / "fastpath") / key.replace("+", "_")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_record(model_sha256: str, root: Path | None = None) -> FastPathRecord | None:
+    """The cached record, or None when absent or when any file fails its sha256 check."""
+    folder = record_dir(model_sha256, root)
+    path = folder / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = FastPathRecord.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, FastPathError) as exc:
+        log.warning("fast-path record %s is unreadable (%s): rebuilding it", path, exc)
+        return None
+    if record.model_sha256 != model_sha256:
+        log.warning("fast-path record %s belongs to another model: rebuilding it", path)
+        return None
+    for cand in record.candidates.values():
+        if cand.file is None:
+            continue
+        f = folder / cand.file
+        if not f.is_file() or sha256_file(f) != cand.sha256:
+            log.warning(
+                "cached %s does not match its recorded sha256: rebuilding the fast "
+                "path (never loading a changed model file)",
+                f,
+            )
+            return None
+    return record
+
+
+def _atomic_publish(tmp: Path, folder: Path) -> None:
+    """Replace `folder` by the fully written `tmp` (a concurrent builder may win: fine)."""
+    old = folder.with_name(folder.name + f".old-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        folder.rename(old)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process published first
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ================================================================================ build
+
+
+def _timed_scores(
+    scorer: Any, images: np.ndarray, batch: int = CHECK_BATCH
+) -> tuple[np.ndarray, float]:
+    """Scores of all images in `batch`-sized batches, and images/s after a warm-up batch.
+
+    Timed at the batch size the tagger will use: measured here, bf16 on resnet50 ran 54 img/s
+    at batch 32 and 26 at batch 64, so a ranking at another size can pick the slower path.
+    """
+    scorer.score_batch(images[:batch])  # warm-up: allocation, kernel choice
+    t0 = time.perf_counter()
+    out = [scorer.score_batch(images[i : i + batch]) for i in range(0, len(images), batch)]
+    dt = time.perf_counter() - t0
+    return np.concatenate(out), len(images) / dt if dt > 0 else float("inf")
+
+
+def bf16_supported() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX); emulated is slower."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def build_record(
+    model: Any,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    thresholds: Any,
+    model_sha256: str,
+    calibration: np.ndarray,
+    check: np.ndarray,
+    bar: float = DEFAULT_AGREEMENT_BAR,
+    root: Path | None = None,
+    threads: int | None = None,
+    batch_size: int = CHECK_BATCH,
+) -> FastPathRecord:
+    """Export, quantise, measure every candidate against torch fp32, write the record.
+
+    `calibration` and `check`: uint8 (N, H, W, 3) model-ready images, disjoint, from the
+    images the model will tag (or its validation set).
+    """
+    from multitag.tagging import TorchScorer
+
+    t_start = time.perf_counter()
+    if len(check) == 0 or len(calibration) == 0:
+        raise FastPathError("a fast path needs calibration and check images; got none")
+    folder = record_dir(model_sha256, root)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        n_labels = _n_labels(model, img_size)
+        ref = TorchScorer(model, mean=mean, std=std, n_labels=n_labels)
+        ref_probs, ref_speed = _timed_scores(ref, check, batch_size)
+        results = {TORCH_FP32: CandidateResult(TORCH_FP32, 1.0, ref_speed, 0.0, 0)}
+        export_onnx(model, tmp / FP32_ONNX, img_size)
+        quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, normalise_batch(calibration, mean, std))
+        scorers: dict[str, Callable[[], Any]] = {
+            ORT_FP32: lambda: OrtScorer(tmp / FP32_ONNX, mean=mean, std=std,
+                                        n_labels=n_labels, threads=threads),
+            ORT_INT8: lambda: OrtScorer(tmp / INT8_ONNX, mean=mean, std=std,
+                                        n_labels=n_labels, threads=threads, name=ORT_INT8),
+        }  # fmt: skip
+        if bf16_supported():
+            scorers[TORCH_BF16] = lambda: bf16_scorer(model, mean, std, n_labels)
+        files = {ORT_FP32: FP32_ONNX, ORT_INT8: INT8_ONNX}
+        for name, make in scorers.items():
+            probs, speed = _timed_scores(make(), check, batch_size)
+            agree = decision_agreement(ref_probs, probs, thresholds)
+            n = round((1.0 - agree) * ref_probs.size)
+            f = files.get(name)
+            results[name] = CandidateResult(
+                name, agree, speed, float(np.max(np.abs(probs - ref_probs))), n, f,
+                sha256_file(tmp / f) if f else None,
+            )  # fmt: skip
+        chosen, reason = choose(results, bar)
+        record = FastPathRecord(
+            model_sha256=model_sha256,
+            versions=library_versions(),
+            created_at=datetime.now(UTC).isoformat(),
+            bar=bar,
+            n_calibration=len(calibration),
+            n_check=len(check),
+            n_labels=n_labels,
+            candidates=results,
+            chosen=chosen,
+            reason=reason,
+            build_s=round(time.perf_counter() - t_start, 2),
+            extra={"batch_size": batch_size},
+        )
+        (tmp / RECORD_FILE).write_text(json.dumps(record.to_json(), indent=2))
+        _atomic_publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fast path for model %s: %s", model_sha256[:12], reason)
+    return record
+
+
+def _n_labels(model: Any, img_size: int) -> int:
+    import torch
+
+    with torch.inference_mode():
+        out = model.eval()(torch.zeros(1, 3, img_size, img_size))
+    return int(out.shape[-1])
+
+
+def bf16_scorer(model: Any, mean: Sequence[float], std: Sequence[float], n_labels: int) -> Any:
+    """Torch bf16 autocast on a channels_last copy (the fp32 model stays as it was)."""
+    import torch
+
+    from multitag.tagging import TorchScorer
+
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return TorchScorer(fast, mean=mean, std=std, n_labels=n_labels, precision="bf16")
+
+
+def make_scorer(
+    name: str,
+    record: FastPathRecord | None,
+    model: Any,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    n_labels: int,
+    root: Path | None = None,
+    threads: int | None = None,
+) -> Any:
+    """The scorer called `name` (one of the candidates), from the record's verified files."""
+    from multitag.tagging import TorchScorer
+
+    if name == TORCH_FP32:
+        return TorchScorer(model, mean=mean, std=std, n_labels=n_labels)
+    if name == TORCH_BF16:
+        return bf16_scorer(model, mean, std, n_labels)
+    if record is None or name not in record.candidates or record.candidates[name].file is None:
+        raise FastPathError(f"no verified {name} model in the fast-path cache")
+    cand = record.candidates[name]
+    path = record_dir(record.model_sha256, root) / str(cand.file)
+    return OrtScorer(path, mean=mean, std=std, n_labels=n_labels, threads=threads, name=name)
+
+
+@dataclass
+class Selection:
+    """The scorer a tagger uses and why (goes to the log and the tagger)."""
+
+    scorer: Any
+    name: str
+    reason: str
+    record: FastPathRecord | None
+
+
+def select_scorer(
+    model: Any,
+    *,
+    precision: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    thresholds: Any,
+    model_sha256: str,
+    sample: Callable[[int], np.ndarray | None],
+    bar: float = DEFAULT_AGREEMENT_BAR,
+    root: Path | None = None,
+    threads: int | None = None,
+    batch_size: int = CHECK_BATCH,
+) -> Selection:
+    """Pick the CPU scorer for `precision` in ("auto", "int8"); see the module docstring.
+
+    `sample(n)` returns up to n model-ready uint8 images from the images to tag, or None
+    when there are too few to check a fast path; it is only called when no record exists.
+    Candidates are timed at `batch_size` when the record is built; the record is then
+    reused whatever batch size later runs use.
+    """
+    if precision not in ("auto", "int8"):
+        raise FastPathError(f"select_scorer handles auto and int8, not {precision!r}")
+    n_labels = _n_labels(model, img_size)
+    record = load_record(model_sha256, root)
+    if record is None:
+        images = sample(N_CALIBRATION + N_CHECK)
+        if images is None or len(images) < N_CALIBRATION + N_CHECK // 2:
+            got = 0 if images is None else len(images)
+            msg = (
+                f"too few decodable images ({got} < {N_CALIBRATION + N_CHECK // 2}) to "
+                "calibrate and check a fast path"
+            )
+            if precision == "int8":
+                raise FastPathError(f"precision=int8: {msg}; use auto or fp32")
+            log.info("precision auto -> fp32: %s", msg)
+            return Selection(make_scorer(TORCH_FP32, None, model, mean=mean, std=std,
+                                         n_labels=n_labels), TORCH_FP32, msg, None)  # fmt: skip
+        record = build_record(
+            model, mean=mean, std=std, img_size=img_size, thresholds=thresholds,
+            model_sha256=model_sha256, calibration=images[:N_CALIBRATION],
+            check=images[N_CALIBRATION:], bar=bar, root=root, threads=threads,
+            batch_size=batch_size,
+        )  # fmt: skip
+        # Use what was published (a concurrent build may have won), re-verified.
+        record = load_record(model_sha256, root)
+        if record is None:
+            msg = "the fast-path cache changed while it was being built"
+            if precision == "int8":
+                raise FastPathError(f"precision=int8: {msg}; retry")
+            log.warning("precision auto -> fp32: %s", msg)
+            return Selection(make_scorer(TORCH_FP32, None, model, mean=mean, std=std,
+                                         n_labels=n_labels), TORCH_FP32, msg, None)  # fmt: skip
+    if precision == "int8":
+        cand = record.candidates[ORT_INT8]
+        reason = f"int8 requested: {cand.agreement:.4%} of decisions equal to fp32"
+        if cand.agreement < bar:
+            log.warning(
+                "%s, below the %.2f%% bar; precision=auto would use fp32", reason, 100 * bar
+            )
+        name = ORT_INT8
+    else:
+        name, reason = choose(record.candidates, bar)  # the bar may differ from the record's
+    log.info("precision %s -> %s (%s)", precision, name, reason)
+    scorer = make_scorer(name, record, model, mean=mean, std=std, n_labels=n_labels, root=root,
+                         threads=threads)  # fmt: skip
+    return Selection(scorer, name, reason, record)
