@@ -360,3 +360,14 @@ def plot_per_label_ap(evaluation: Mapping[str, Any], vocab: Sequence[str]) -> by
     ax.set(title=title, xlabel="average precision", xlim=(0, 1.25))
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
+
+
+def inline_images(markdown: str, images: Mapping[str, bytes]) -> str:
+    """Embed the report's PNGs as data URIs, for viewers (the Prefect UI) that cannot follow
+    a relative file name into the registry folder."""
+    import base64
+
+    for name, data in images.items():
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        markdown = markdown.replace(f"]({name})", f"]({uri})")
+    return markdown

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from multitag import contracts, datasets, registry, retraining
+from multitag import contracts, datasets, registry, reports, retraining, storage
 from multitag.config import ThresholdParams, TrainParams
 from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
 
@@ -22,6 +22,7 @@ class ContractViolationError(RuntimeError):
     retry_delay_seconds=[2, 10, 30],
     timeout_seconds=3600,
     retry_condition_fn=lambda task, run, state: _is_transient(state),
+    log_prints=False,  # the download progress bar belongs on the terminal, not in run logs
 )
 def acquire_dataset(url: str, home: str | None) -> str:
     path = datasets.acquire(url, home)
@@ -167,8 +168,16 @@ def register_model(stage_dir: str, home: str | None, dataset: dict, contract_sum
 
 
 def _report_markdown(info: dict) -> str:
+    """The registry's report.md with its plots inlined, so they show in the Prefect UI."""
     report = info.get("report_md") or ""
-    return report or f"Model {info.get('version')}: see the registry folder {info.get('uri')}"
+    if not report:
+        return f"Model {info.get('version')}: see the registry folder {info.get('uri')}"
+    pngs = {
+        name: storage.read_bytes(storage.join(info["uri"], name))
+        for name in (reports.CURVES_PNG, reports.AP_PNG)
+        if f"]({name})" in report
+    }
+    return reports.inline_images(report, pngs)
 
 
 @task(name="promote-if-better", retries=2, retry_delay_seconds=[5, 30])

@@ -42,6 +42,19 @@ def _artifact_keys(flow_run_id) -> set[str]:
     return {a.key for a in arts if a.key}
 
 
+def _artifact(flow_run_id, key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    found = [a for a in arts if a.flow_run_id == flow_run_id]
+    assert found, f"no artifact {key}"
+    return str(found[0].data)
+
+
 @pytest.fixture(scope="module")
 def shapes_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
@@ -80,6 +93,12 @@ def test_retrain_then_tag_end_to_end(shapes_archive: Path, _isolated_home: Path)
     again = retrain(params, return_state=True).result()
     assert again["decision"]["promoted"] is False
     assert registry.get_champion(home)["version"] == out["version"]
+    first = registry.show_version(home, out["version"])["metrics"]
+    second = registry.show_version(home, again["version"])["metrics"]
+    assert second["history"] == first["history"]  # training was reused, not run again
+    assert second["wall_time_s"] == first["wall_time_s"]
+    report = _artifact(state.state_details.flow_run_id, "model-report")
+    assert "](data:image/png;base64," in report  # plots render in the UI
 
     test_dir = Path(out["dataset_dir"]) / "test"
     tparams = TagParams(source=str(test_dir), shard_size=16, home=home)

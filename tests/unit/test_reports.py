@@ -182,3 +182,12 @@ def test_real_threshold_set_and_evaluation_render():
     md = files[REPORT_FILE].decode()
     assert [r[0] for r in table_rows(md, "Per label (validation)")] == VOCAB
     assert f"| global threshold | {ts.global_threshold:.4f} |" in md
+
+
+def test_inline_images_embeds_pngs_for_the_ui():
+    from multitag.reports import inline_images
+
+    md = f"![curves]({CURVES_PNG})\n![ap]({AP_PNG})\n"
+    out = inline_images(md, {CURVES_PNG: b"\x89PNG-a", AP_PNG: b"\x89PNG-b"})
+    assert f"]({CURVES_PNG})" not in out and f"]({AP_PNG})" not in out
+    assert out.count("](data:image/png;base64,") == 2
