@@ -18,6 +18,10 @@ How it is used (`select_scorer`, called by `multitag.tagging.load_tagger`):
   agreement meets the bar is used; if none does, torch fp32, and the log says why.
 - `precision="int8"`: the int8 ONNX model whatever its agreement (logged if below the bar).
 
+Once a record exists and its pick is an ONNX scorer, `load_tagger` builds the tagger from
+the registry's JSON files and the cached ONNX file alone (`registry.load_metadata`): the
+learner is not unpickled and fastai not imported. A torch pick (bf16, fp32) needs the learner.
+
 The cache holds the ONNX files and `fastpath.json` (agreement, speed, sha256 of each file).
 A model version is immutable in the registry, so a record stays valid; a cached ONNX file
 whose sha256 no longer matches the record is never loaded: the record is rebuilt.

@@ -127,6 +127,22 @@ class PromotionDecision:
 
 
 @dataclass
+class ModelMetadata:
+    """A verified version's JSON files and model file, with nothing unpickled.
+
+    Why: a tagger whose verified ONNX fast path is cached (keyed by `sha256`) needs only the
+    thresholds and the input spec; unpickling the learner means importing fastai (seconds).
+    """
+
+    version: str
+    thresholds: Any  # multitag.thresholds.ThresholdSet
+    metrics: dict[str, Any]
+    inference: dict[str, Any]
+    sha256: str  # of model.pkl, checked against SHA256SUMS (and champion.json if the champion)
+    model_path: Path  # the local, sha-checked model.pkl (a cache copy for remote roots)
+
+
+@dataclass
 class LoadedModel:
     """A verified, unpickled model with everything needed to use it."""
 
@@ -718,12 +734,13 @@ def promote(home: str | None, version: str, metric: str = "mAP") -> PromotionDec
 # ---------------------------------------------------------------------------------- load
 
 
-def load_model(home: str | None = None, version: str | None = None) -> LoadedModel:
-    """Verify every file of a version, then unpickle it; `version=None` means the champion.
+def load_metadata(home: str | None = None, version: str | None = None) -> ModelMetadata:
+    """Verify every file of a version, then read its JSON files; `version=None`: the champion.
 
-    Nothing is unpickled until every sha256 in SHA256SUMS matches (and, for the champion, the
-    model's sha256 matches champion.json). Remote roots are downloaded to a local cache
-    (MULTITAG_CACHE_DIR, default ~/.cache/multitag) and the downloaded bytes are what is hashed.
+    Every sha256 in SHA256SUMS is checked, model.pkl's included (for the champion, also
+    against champion.json), exactly as `load_model` does, but nothing is unpickled. Remote
+    roots are downloaded to a local cache (MULTITAG_CACHE_DIR, default ~/.cache/multitag) and
+    the downloaded bytes are what is hashed.
     """
     if version is None:
         champion = get_champion(home)
@@ -747,15 +764,43 @@ def load_model(home: str | None = None, version: str | None = None) -> LoadedMod
     model_path = _verified_model_file(home, vdir, version, sums[MODEL_FILE])
 
     from multitag.thresholds import ThresholdSet
+
+    return ModelMetadata(
+        version=version,
+        thresholds=ThresholdSet.from_json(_loads(blobs[THRESHOLDS_FILE], THRESHOLDS_FILE)),
+        metrics=_loads(blobs[METRICS_FILE], METRICS_FILE),
+        inference=_loads(blobs[INFERENCE_FILE], INFERENCE_FILE),
+        sha256=sums[MODEL_FILE],
+        model_path=model_path,
+    )
+
+
+def load_model(home: str | None = None, version: str | None = None) -> LoadedModel:
+    """Verify every file of a version, then unpickle it; `version=None` means the champion.
+
+    Nothing is unpickled until every sha256 in SHA256SUMS matches (and, for the champion, the
+    model's sha256 matches champion.json): see `load_metadata`.
+    """
+    return unpickle_model(load_metadata(home, version))
+
+
+def unpickle_model(meta: ModelMetadata) -> LoadedModel:
+    """Unpickle the model file of a `load_metadata` result, hashing it once more first.
+
+    Re-hashed because the metadata may be older than this call (~0.1 s for resnet50): what is
+    unpickled is always what was just checked against the version's SHA256SUMS.
+    """
     from multitag.training import load_learner_file
 
-    thresholds = ThresholdSet.from_json(_loads(blobs[THRESHOLDS_FILE], THRESHOLDS_FILE))
-    metrics = _loads(blobs[METRICS_FILE], METRICS_FILE)
-    inference = _loads(blobs[INFERENCE_FILE], INFERENCE_FILE)
-    learner = load_learner_file(model_path)
+    with meta.model_path.open("rb") as f:
+        actual = _sha256_stream(f)
+    if actual != meta.sha256:
+        raise _mismatch(meta.version, MODEL_FILE, meta.sha256, actual)
+    learner = load_learner_file(meta.model_path)
     return LoadedModel(
-        version, learner, thresholds, metrics, inference, sums[MODEL_FILE], model_path
-    )
+        meta.version, learner, meta.thresholds, meta.metrics, meta.inference, meta.sha256,
+        meta.model_path,
+    )  # fmt: skip
 
 
 def cache_dir() -> Path:

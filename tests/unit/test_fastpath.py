@@ -5,6 +5,8 @@ changed file, and precision=fp32 stays torch eager."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +210,127 @@ def tiny_sha(tiny: TinyModel) -> str:
     from multitag import registry
 
     return registry.load_model(str(tiny.home), tiny.version).sha256
+
+
+# ============================================== cached ONNX fast path: no unpickling at all
+
+
+def _set_candidate(sha: str, name: str, **fields: float) -> None:
+    """Edit the cached record (fastpath.json is data; only the ONNX files are sha-pinned)."""
+    path = fastpath.record_dir(sha) / fastpath.RECORD_FILE
+    data = json.loads(path.read_text())
+    data["candidates"][name].update(fields)
+    path.write_text(json.dumps(data))
+
+
+class _CountingLoader:
+    """Wraps training.load_learner_file: counts unpickles, or refuses them."""
+
+    def __init__(self, original, refuse: bool) -> None:  # type: ignore[no-untyped-def]
+        self.original, self.refuse, self.calls = original, refuse, 0
+
+    def __call__(self, path: Path, cpu: bool = True):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.refuse:
+            raise AssertionError(f"the learner {path} was unpickled")
+        return self.original(path, cpu)
+
+
+def _tag(tagger: tagging.Tagger, uris: list[str]) -> np.ndarray:
+    rows = [row for batch in tagger.tag(uris) for row in batch.rows]
+    assert all(r.error is None for r in rows)
+    return np.array([[r.scores[v] for v in tagger.vocab] for r in rows])  # type: ignore[index]
+
+
+def test_a_passing_cached_onnx_path_tags_without_unpickling_the_learner(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import registry, training
+
+    src = tmp_path / "src"
+    write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
+    params = TagParams(source=str(src), precision="auto", home=str(tiny.home), batch_size=16,
+                       decode_workers=1)  # fmt: skip
+    exact = tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    tagging.load_tagger(params)  # first use: full load, builds and checks the record
+    sha = registry.load_metadata(str(tiny.home)).sha256
+    record = fastpath.load_record(sha)
+    assert record is not None and record.candidates["onnx-fp32"].agreement >= 0.995
+    _set_candidate(sha, "onnx-fp32", images_per_s=1e9)  # the fastest, whatever this CPU says
+    loader = _CountingLoader(training.load_learner_file, refuse=True)
+    monkeypatch.setattr(training, "load_learner_file", loader)
+    fast = tagging.load_tagger(params)
+    assert loader.calls == 0
+    assert isinstance(fast.scorer, fastpath.OrtScorer) and fast.scorer.precision == "onnx-fp32"
+    assert "learner not unpickled" in fast.precision_choice
+    assert fast.model_version == tiny.version and fast.vocab == exact.vocab
+    assert fast.thresholds.to_json() == exact.thresholds.to_json()
+    uris = sorted(str(p) for p in src.iterdir())[:40]
+    np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=1e-4)
+    # and a fresh process (as `multitag tag` is) never even imports fastai
+    code = (
+        "import sys; from multitag import tagging; from multitag.config import TagParams; "
+        f"t = tagging.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
+        "print(type(t.scorer).__name__, 'fastai' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["OrtScorer", "False"], out.stderr[-2000:]
+
+
+def test_without_a_passing_onnx_record_the_learner_is_loaded(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import registry, training
+
+    src = tmp_path / "src"
+    write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
+    params = TagParams(source=str(src), precision="auto", home=str(tiny.home), batch_size=16,
+                       decode_workers=1)  # fmt: skip
+    loader = _CountingLoader(training.load_learner_file, refuse=False)
+    monkeypatch.setattr(training, "load_learner_file", loader)
+    tagging.load_tagger(params)  # no record yet: full load
+    assert loader.calls == 1
+    sha = registry.load_metadata(str(tiny.home)).sha256
+    for name in ("onnx-fp32", "onnx-int8"):  # both ONNX paths below the bar
+        _set_candidate(sha, name, agreement=0.9, images_per_s=1e9)
+    tagger = tagging.load_tagger(params)
+    assert loader.calls == 2 and not isinstance(tagger.scorer, fastpath.OrtScorer)
+    # precision=fp32 never looks at the cache
+    _set_candidate(sha, "onnx-fp32", agreement=1.0)
+    tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    assert loader.calls == 3
+    # a cached ONNX file that changed is never loaded: full load (and a rebuilt record)
+    onnx = fastpath.record_dir(sha) / fastpath.FP32_ONNX
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    assert fastpath.load_record(sha) is None
+    tagging.load_tagger(params)
+    assert loader.calls == 4
+
+
+def test_a_tampered_model_file_is_refused_even_with_a_cached_fast_path(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from multitag import registry, training
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny.home, home)
+    src = tmp_path / "src"
+    write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
+    params = TagParams(source=str(src), precision="auto", home=str(home), batch_size=16,
+                       decode_workers=1)  # fmt: skip
+    tagging.load_tagger(params)
+    sha = registry.load_metadata(str(home)).sha256
+    _set_candidate(sha, "onnx-fp32", images_per_s=1e9)
+    model = home / "models" / tiny.version / "model.pkl"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    loader = _CountingLoader(training.load_learner_file, refuse=True)
+    monkeypatch.setattr(training, "load_learner_file", loader)
+    with pytest.raises(registry.IntegrityError, match=r"model\.pkl"):
+        tagging.load_tagger(params)
+    with pytest.raises(registry.IntegrityError, match=r"model\.pkl"):
+        registry.load_metadata(str(home))
+    assert loader.calls == 0

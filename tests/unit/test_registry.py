@@ -271,7 +271,12 @@ def test_tampered_model_refused_before_unpickling(home: str, tmp_path: Path, loa
     expected = hashlib.sha256(read_bytes(vfile(home, version, "model.pkl"))).hexdigest()
     flip_one_byte(vfile(home, version, "model.pkl"))
     actual = hashlib.sha256(read_bytes(vfile(home, version, "model.pkl"))).hexdigest()
-    for call in (lambda: registry.load_model(home), lambda: registry.load_model(home, version)):
+    for call in (
+        lambda: registry.load_model(home),
+        lambda: registry.load_model(home, version),
+        lambda: registry.load_metadata(home),  # the no-unpickle load checks model.pkl too
+        lambda: registry.load_metadata(home, version),
+    ):
         with pytest.raises(IntegrityError) as err:
             call()
         assert "model.pkl" in str(err.value)
@@ -279,6 +284,24 @@ def test_tampered_model_refused_before_unpickling(home: str, tmp_path: Path, loa
     with pytest.raises(IntegrityError, match=r"model\.pkl"):
         registry.verify_version(home, version)
     assert loader.calls == []
+
+
+def test_metadata_load_verifies_but_never_unpickles(home: str, tmp_path: Path, loader: FakeLoader):
+    version = register(home, tmp_path)
+    registry.promote_if_better(home, version, "mAP")
+    meta = registry.load_metadata(home)
+    assert loader.calls == []
+    assert meta.version == version and meta.inference == inference()
+    assert meta.sha256 == hashlib.sha256(read_bytes(vfile(home, version, "model.pkl"))).hexdigest()
+    assert hashlib.sha256(meta.model_path.read_bytes()).hexdigest() == meta.sha256
+    assert list(meta.thresholds.vocab) == list(VOCAB)
+    loaded = registry.unpickle_model(meta)
+    assert [p for p, _ in loader.calls] == [meta.model_path] and loaded.sha256 == meta.sha256
+    # a local file changed after the metadata was read is refused, not unpickled
+    meta.model_path.write_bytes(meta.model_path.read_bytes() + b"x")
+    with pytest.raises(IntegrityError, match=r"model\.pkl"):
+        registry.unpickle_model(meta)
+    assert len(loader.calls) == 1
 
 
 def test_tampered_thresholds_refused(home: str, tmp_path: Path, loader: FakeLoader):
@@ -289,6 +312,8 @@ def test_tampered_thresholds_refused(home: str, tmp_path: Path, loader: FakeLoad
     write_bytes_atomic(uri, json.dumps(data).encode())
     with pytest.raises(IntegrityError, match=r"thresholds\.json"):
         registry.load_model(home, version)
+    with pytest.raises(IntegrityError, match=r"thresholds\.json"):
+        registry.load_metadata(home, version)
     assert loader.calls == []
 
 
