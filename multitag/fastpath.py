@@ -140,6 +140,29 @@ class _BatchReader:
         return None if batch is None else {"input": batch}
 
 
+class _Rank1AxisFilter(logging.Filter):
+    """ORT logs 'Axis 1 is out-of-range for weight ... with rank 1' for the head's BatchNorm1d
+    weights, which it then quantises per tensor, as intended: noise in every run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_rank1_axis_warnings() -> Iterator[None]:
+    root, flt = logging.getLogger(), _Rank1AxisFilter()
+    handlers = list(root.handlers)
+    for h in handlers:
+        h.addFilter(flt)
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+        for h in handlers:
+            h.removeFilter(flt)
+
+
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights, MinMax activations).
 
@@ -157,7 +180,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> P
     if calibration.ndim != 4 or len(calibration) == 0:
         raise FastPathError(f"calibration needs (N, 3, H, W) images; got {calibration.shape}")
     batches = [calibration[i : i + 16] for i in range(0, len(calibration), 16)]
-    with tempfile.TemporaryDirectory(prefix="multitag-quant-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="multitag-quant-") as tmp,
+        _quiet_rank1_axis_warnings(),
+    ):
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(
