@@ -122,7 +122,11 @@ def test_auto_uses_a_checked_fast_path_and_records_it(tmp_path: Path) -> None:
     assert record is not None and calls == [len(imgs)]
     assert set(record.candidates) >= {"torch-fp32", "onnx-fp32", "onnx-int8"}
     assert record.candidates["onnx-fp32"].agreement >= 0.99
-    assert sel.name == record.chosen and sel.name != "torch-fp32"
+    # The fastest candidate that meets the bar wins; which one that is depends on timing on
+    # this (shared) machine, so assert the rule, not a name.
+    meeting = [c for c in record.candidates.values()
+               if c.name == "torch-fp32" or c.agreement >= 0.9]  # fmt: skip
+    assert sel.name == record.chosen == max(meeting, key=lambda c: c.images_per_s).name
     assert record.candidates[sel.name].agreement >= 0.9
     # the recorded agreement is what decision_agreement says on the check images
     check = imgs[fastpath.N_CALIBRATION :]
