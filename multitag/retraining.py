@@ -9,7 +9,6 @@ arrays. The folder is local to the worker that trains; only `register_stage` wri
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,7 @@ def read_stage_json(stage_dir: str | Path, name: str) -> Any:
     return json.loads((Path(stage_dir) / name).read_text(encoding="utf-8"))
 
 
-def label_prevalence(table: Any, vocab: list[str]) -> dict[str, float]:
+def label_prevalence(table: Any, vocab: list[str]) -> dict[str, Any]:
     """Share of training images carrying each label; tagging compares incoming rates to it."""
     train_rows = table[~table["is_valid"]]
     n = max(len(train_rows), 1)
@@ -54,10 +53,8 @@ def label_prevalence(table: Any, vocab: list[str]) -> dict[str, float]:
         for tok in set(str(labels).split()):
             if tok in counts:
                 counts[tok] += 1
-    prevalence = {k: v / n for k, v in counts.items()}
-    none = int(sum(1 for labels in train_rows["labels"] if not str(labels).split()))
-    prevalence_none = none / n
-    return {"labels": prevalence, "none": prevalence_none}
+    none = sum(1 for labels in train_rows["labels"] if not str(labels).split())
+    return {"labels": {k: v / n for k, v in counts.items()}, "none": none / n}
 
 
 def _read_test_labels(dataset_dir: Path, vocab: list[str]) -> tuple[list[Path], np.ndarray] | None:
@@ -90,7 +87,10 @@ def train_stage(
 
     dataset_dir, stage = Path(dataset_dir), Path(stage_dir)
     stage.mkdir(parents=True, exist_ok=True)
-    result = training.train(dataset_dir, params, on_epoch=on_epoch)
+    # One parse of train.csv, by the contract's rules (is_valid spellings come from its YAML);
+    # the images were already checked by the validate step, so they are not opened again.
+    table = contracts.validate_dataset(dataset_dir, check_images=False).table
+    result = training.train(dataset_dir, params, on_epoch=on_epoch, table=table)
     probs, targets = training.predict_validation(result.learner)
     np.savez(stage / STAGE_VALID, probs=probs, targets=targets)
     test = _read_test_labels(dataset_dir, result.vocab)
@@ -98,7 +98,6 @@ def train_stage(
         test_probs = training.predict_files(result.learner, test[0])
         np.savez(stage / STAGE_TEST, probs=test_probs, targets=test[1])
     training.export_learner(result.learner, stage / STAGE_MODEL, thresholds=0.5)
-    table = contracts.validate_dataset(dataset_dir, check_images=False).table
     summary = {
         "vocab": result.vocab,
         "history": result.history,
@@ -166,19 +165,6 @@ def _best_global_on(probs: np.ndarray, targets: np.ndarray, vocab: list[str]) ->
 _HEADLINE = ("accuracy_multi", "f1_micro", "f1_macro", "mAP", "none_rate")
 
 
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    names = ["torch", "torchvision", "fastai", "numpy", "pandas", "pillow", "multitag"]
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
 def register_stage(
     stage_dir: str | Path,
     home: str | None,
@@ -216,7 +202,7 @@ def register_stage(
         "wall_time_s": train_info["wall_time_s"],
         "train_label_prevalence": train_info["prevalence"]["labels"],
         "train_none_rate": train_info["prevalence"]["none"],
-        "library_versions": library_versions(),
+        "library_versions": registry.library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     report_files = reports.build_model_report(metrics, thresholds, evaluation["validation"])
