@@ -70,28 +70,45 @@ QUICK = Plan({"voc": 400, "phone": 200}, {"voc": 64, "phone": 64}, 8, 3, 4)
 
 
 def register_trained(
-    home: Path, work: Path, *, arch: str, img_size: int, n_train: int, epochs: int
-) -> dict[str, Any]:
-    """Train on a shapes set, pick thresholds, export, register and promote (as retrain does)."""
+    home: Path, work: Path, *, arch: str, img_size: int, n_train: int, epochs: int,
+    n_valid: int | None = None, fastpath: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Train on a shapes set, pick thresholds, export, register and promote (as retrain does).
+
+    `n_valid`: validation images (default 20% of n_train + n_valid); the export-time fast-path
+    check runs on all of them, as `multitag retrain` does.
+    """
     from multitag import registry, training
     from multitag import thresholds as th
-    from multitag.config import ThresholdParams, TrainParams
+    from multitag.config import ThresholdParams, TrainParams, shapes_train_params
+    from multitag.retraining import export_fastpath
     from multitag.shapes import make_shapes_dataset
 
     shutil.rmtree(work / f"shapes-{img_size}", ignore_errors=True)  # the generator never overwrites
-    dataset = make_shapes_dataset(work / f"shapes-{img_size}", n_train=n_train, n_test=4,
-                                  img_size=img_size)  # fmt: skip
-    params = TrainParams(arch=arch, pretrained=False, img_size=img_size, batch_size=32,
-                         epochs=epochs, lr=3e-3, augment="none", head_dropout=0.1)  # fmt: skip
+    total = n_train if n_valid is None else n_train + n_valid
+    pct = 0.2 if n_valid is None else n_valid / total
+    dataset = make_shapes_dataset(work / f"shapes-{img_size}", n_train=total, n_test=4,
+                                  img_size=img_size, valid_pct=pct)  # fmt: skip
+    if arch == "shapes_cnn":  # the demo's recipe, shorter
+        params = shapes_train_params(img_size=img_size, epochs=epochs)
+    else:
+        params = TrainParams(arch=arch, pretrained=False, img_size=img_size, batch_size=32,
+                             epochs=epochs, lr=3e-3, augment="none", head_dropout=0.1)  # fmt: skip
     result = training.train(dataset, params)
     probs, targets = training.predict_validation(result.learner)
     ts = th.select_thresholds(probs, targets, result.vocab, ThresholdParams(policy="global"))
-    model_file = training.export_learner(result.learner, work / f"{arch}.pkl", ts.as_array())
+    final = work / f"final-{arch}"
+    model_file = training.export_learner(result.learner, final / "model.pkl", ts.as_array())
     evaluation = th.evaluate(probs, targets, ts, result.vocab).to_dict()
+    spec = training.inference_spec(result.learner)
+    metrics: dict[str, Any] = {"validation": evaluation}
+    extra: dict[str, Path] = {}
+    if fastpath:
+        extra, metrics["fastpath"] = export_fastpath(result.learner, final, dataset, ts, spec,
+                                                     n_check=1000)  # fmt: skip
     version = registry.register_model(
-        str(home), learner_file=model_file, thresholds=ts.to_json(),
-        metrics={"validation": evaluation}, inference=training.inference_spec(result.learner),
-        report_files={},
+        str(home), learner_file=model_file, thresholds=ts.to_json(), metrics=metrics,
+        inference=spec, report_files={}, extra_files=extra,
     )  # fmt: skip
     registry.promote(str(home), version)
     return {
@@ -131,8 +148,23 @@ def read_labels(out: Path) -> dict[str, list[str]]:
 
 
 def fast_path_record(root: Path) -> dict[str, Any] | None:
-    found = sorted((root / "cache" / "fastpath").glob("*/fastpath.json"))
+    """The export-time record registered with the model (else one cached at tag time)."""
+    found = sorted((root / "home" / "models").glob("*/fastpath.json")) or sorted(
+        (root / "cache" / "fastpath").glob("*/fastpath.json")
+    )
     return json.loads(found[-1].read_text()) if found else None
+
+
+def run_fastai_script(root: Path, model_file: Path, source: Path, run: str) -> dict[str, Any]:
+    """The fastai baseline as a user runs it: one process (benchmarks/fastai_baseline.py)."""
+    from benchmarks.common import python
+
+    out = root / "fastai-out" / f"{run}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["nice", "-n", "0", python(), "-m", "benchmarks.fastai_baseline", str(model_file),
+           str(source), str(out)]  # fmt: skip
+    wall, rss, _ = run_measured(cmd, bench_env(root))
+    return {"wall_s": wall, "rss_mib": rss}
 
 
 # ================================================================ fastai baselines
@@ -187,8 +219,7 @@ def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, roo
     if fastpath.bf16_supported():
         scorers["torch-bf16"] = fastpath.bf16_scorer(learn.model, mean, std, n_labels)
     if record_ is not None:
-        folder = Path(root / "cache" / "fastpath")
-        d = next(p for p in folder.iterdir() if p.is_dir() and (p / "fastpath.json").exists())
+        d = next(p.parent for p in (root / "home" / "models").glob("*/fastpath.json"))
         scorers["onnx-fp32"] = fastpath.OrtScorer(d / fastpath.FP32_ONNX, mean=mean, std=std,
                                                   n_labels=n_labels)  # fmt: skip
         scorers["onnx-int8"] = fastpath.OrtScorer(d / fastpath.INT8_ONNX, mean=mean, std=std,
@@ -221,7 +252,8 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
     shutil.rmtree(root / "home", ignore_errors=True)
     shutil.rmtree(root / "cache", ignore_errors=True)
     t0 = time.perf_counter()
-    model = register_trained(root / "home", root, arch=arch, img_size=224, n_train=64, epochs=1)
+    model = register_trained(root / "home", root, arch=arch, img_size=224, n_train=64,
+                             n_valid=256, epochs=1)  # fmt: skip
     print(f"[{arch}] trained + registered in {time.perf_counter() - t0:.0f} s")
     learn = load_learner(model["model_file"])
     torch.set_num_threads(os.cpu_count() or 1)
@@ -231,9 +263,14 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
         src = files[0].parent
         warm = run_multitag_tag(root, src, f"{size}-warm")
         rec = rec or fast_path_record(root)
-        runs = [run_multitag_tag(root, src, f"{size}-{i}") for i in range(plan.repeats)]
+        run_fastai_script(root, model["model_file"], src, f"{size}-warm")
+        runs, scripts = [], []
+        for i in range(plan.repeats):  # alternating, so a neighbour's load hits both alike
+            runs.append(run_multitag_tag(root, src, f"{size}-{i}"))
+            scripts.append(run_fastai_script(root, model["model_file"], src, f"{size}-{i}"))
         n = plan.n_tag[size]
         e2e = statistics.median(n / r["wall_s"] for r in runs)
+        script = statistics.median(n / r["wall_s"] for r in scripts)
         tag_phase = statistics.median(r["manifest"]["images_per_s"] for r in runs)
         scoring = statistics.median(n / r["manifest"]["seconds"]["sum_model_s"] for r in runs)
         base_files = files[: plan.n_base[size]]
@@ -246,13 +283,15 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
         )
         results["sizes"][size] = {
             "e2e": e2e, "tag_phase": tag_phase, "scoring": scoring, "get_preds": base_rate,
-            "predict": pred_rate,
+            "predict": pred_rate, "script": script,
+            "script_rss_mib": statistics.median(r["rss_mib"] for r in scripts),
             "agreement": agree, "warm_wall_s": warm["wall_s"],
             "rss_mib": statistics.median(r["rss_mib"] for r in runs),
         }  # fmt: skip
         print(f"[{arch}/{size}] {results['sizes'][size]}")
     if bulk:
-        results["bulk"] = bench_bulk(root, bulk, plan, results["sizes"]["voc"]["get_preds"])
+        results["bulk"] = bench_bulk(root, bulk, plan, results["sizes"]["voc"]["get_preds"],
+                                     model["model_file"])  # fmt: skip
         print(f"[{arch}/bulk] {results['bulk']}")
     results["record"] = rec
     spec = json.loads(json.dumps(_spec_of(root)))
@@ -261,12 +300,17 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
     return results
 
 
-def bench_bulk(root: Path, files: list[Path], plan: Plan, get_preds: float) -> dict[str, Any]:
-    """`multitag tag` on many VOC-sized photos (the fast path is already built and cached)."""
-    runs = [run_multitag_tag(root, files[0].parent, f"bulk-{i}") for i in range(plan.repeats)]
+def bench_bulk(root: Path, files: list[Path], plan: Plan, get_preds: float,
+               model_file: Path) -> dict[str, Any]:  # fmt: skip
+    """`multitag tag` and the fastai script on many VOC-sized photos, alternating."""
+    runs, scripts = [], []
+    for i in range(plan.repeats):
+        runs.append(run_multitag_tag(root, files[0].parent, f"bulk-{i}"))
+        scripts.append(run_fastai_script(root, model_file, files[0].parent, f"bulk-{i}"))
     n = len(files)
     return {
         "n": n,
+        "script": statistics.median(n / r["wall_s"] for r in scripts),
         "e2e": statistics.median(n / r["wall_s"] for r in runs),
         "tag_phase": statistics.median(r["manifest"]["images_per_s"] for r in runs),
         "walls": [round(r["wall_s"], 1) for r in runs],
@@ -285,8 +329,8 @@ def bench_trained_agreement(plan: Plan, work: Path, photos: list[Path]) -> dict[
     root = work / "trained"
     shutil.rmtree(root / "home", ignore_errors=True)
     shutil.rmtree(root / "cache", ignore_errors=True)
-    model = register_trained(root / "home", root, arch="shapes_cnn", img_size=64, n_train=1000,
-                             epochs=plan.agree_epochs)  # fmt: skip
+    model = register_trained(root / "home", root, arch="shapes_cnn", img_size=64, n_train=2000,
+                             n_valid=1000, epochs=plan.agree_epochs)  # fmt: skip
     run = run_multitag_tag(root, photos[0].parent, "trained")
     learn = load_learner(model["model_file"])
     probs = get_preds_probs(learn, photos)
@@ -331,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     trained = None
     if not args.skip_trained:
-        trained = bench_trained_agreement(plan, args.work, photos["voc"][: plan.n_base["voc"]])
+        trained = bench_trained_agreement(plan, args.work, photos["voc"])
     decode = {s: decode_ceiling(photos[s][:32], 224, plan.repeats) for s in SIZES}
     block = report(all_results, trained, decode, plan, env_line, args.quick)
     print(block)
@@ -355,12 +399,14 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
                 r["arch"], f"{size} {SIZES[size][0]}x{SIZES[size][1]}", plan.n_tag[size],
                 chosen, f"{s['e2e']:.1f}", f"{s['tag_phase']:.1f}", f"{s['get_preds']:.1f}",
                 f"{s['predict']:.1f}", f"**{ratio:.2f}x** ({verdict}, target {target:.0f}x)",
+                f"{s['script']:.1f}", f"**{s['e2e'] / s['script']:.2f}x**",
                 f"{s['agreement']:.4%}",
                 f"{s['tag_phase'] / ceiling:.0%} ({s['scoring'] / ceiling:.0%}) of {ceiling:.1f}",
                 f"{s['rss_mib']}",
             ])  # fmt: skip
     head = ["model", "photos", "n", "fast path (auto)", "multitag tag img/s (e2e)",
             "tag phase img/s", "get_preds img/s", "predict img/s", "e2e / get_preds",
+            "fastai script img/s (e2e)", "e2e / fastai script",
             "decisions = fastai fp32", "tag phase (scoring stage) vs forward ceiling",
             "peak RSS MiB"]  # fmt: skip
     lines = [f"### {'Quick' if quick else 'Full'} run: {env_line}", "", table(head, rows), ""]
@@ -371,6 +417,8 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
         "in the first shard task); scoring stage = images / seconds the scorer ran, decoding "
         "running alongside. get_preds / predict: fastai on "
         f"the same model.pkl, {plan.n_base} images / {plan.n_predict} images, in-process. "
+        "fastai script: `benchmarks/fastai_baseline.py` as one process on the same folder "
+        "(load_learner, get_preds, thresholds, Parquet), runs alternating with `multitag tag`. "
         "Agreement of these random-init models is on near-constant scores (see trained below)."
     )
     for r in results:
@@ -380,8 +428,10 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
                 f"{k} {v['images_per_s']:.1f} img/s agree {v['agreement']:.4%}"
                 for k, v in rec["candidates"].items()
             )
-            lines.append(f"- {r['arch']} fast-path check ({rec['n_check']} images, built in "
-                         f"{rec['build_s']} s): {cands}; chosen {rec['chosen']}")  # fmt: skip
+            where = rec.get("extra", {}).get("check_set", "sampled")
+            lines.append(f"- {r['arch']} fast-path check at export ({rec['n_check']} {where} "
+                         f"images, built in {rec['build_s']} s): {cands}; chosen "
+                         f"{rec['chosen']}")  # fmt: skip
     if trained:
         rec = trained["record"] or {}
         cands = ", ".join(f"{k} {v['agreement']:.4%} ({v['n_flips']} flips)"
@@ -390,8 +440,9 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
             f"- trained shapes_cnn (64 px, validation accuracy_multi "
             f"{trained['accuracy_multi']:.3f}): `multitag tag` (auto -> {rec.get('chosen')}) "
             f"decisions equal to fastai fp32 get_preds on {trained['n_images']} VOC-sized "
-            f"photos: **{trained['agreement_e2e']:.4%}**; check-set agreement vs torch fp32: "
-            f"{cands}"
+            f"photos: **{trained['agreement_e2e']:.4%}**; export-time check on "
+            f"{rec.get('n_check')} validation images x {rec.get('n_labels')} labels vs torch "
+            f"fp32: {cands}"
         )
     bulk_rows = []
     for r in results:
@@ -401,17 +452,19 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
             bulk_rows.append([
                 r["arch"], f"voc {SIZES['voc'][0]}x{SIZES['voc'][1]}", f"{b['n']:,}",
                 f"{b['e2e']:.1f}", f"{b['tag_phase']:.1f}", f"{b['get_preds']:.1f}",
-                f"**{ratio:.2f}x** ({verdict}, target 3x)",
+                f"**{ratio:.2f}x** ({verdict}, target 3x)", f"{b['script']:.1f}",
+                f"**{b['e2e'] / b['script']:.2f}x**",
                 ", ".join(str(w) for w in b["walls"]), f"{b['rss_mib']}",
             ])  # fmt: skip
     if bulk_rows:
         lines += ["", "#### At a bucket's scale: start-up cost amortised", ""]
         lines.append(table(["model", "photos", "n", "multitag tag img/s (e2e)",
                             "tag phase img/s", "get_preds img/s (same run)", "e2e / get_preds",
+                            "fastai script img/s (e2e)", "e2e / fastai script",
                             "wall s per run", "peak RSS MiB"], bulk_rows))  # fmt: skip
         lines.append("")
-        lines.append(f"Median of {plan.repeats} `multitag tag` runs (whole subprocess) on one "
-                     "folder, the fast path already cached from the rows above.")  # fmt: skip
+        lines.append(f"Median of {plan.repeats} `multitag tag` runs and {plan.repeats} fastai "
+                     "script runs (whole subprocesses, alternating) on one folder.")  # fmt: skip
     ceil_rows = [[r["arch"], *(f"{v:.1f}" for v in r["ceilings"].values())] for r in results]
     lines += ["", CEILING_SECTION.replace("## ", "#### "), ""]
     names = list(results[0]["ceilings"]) if results else []

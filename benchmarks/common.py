@@ -97,17 +97,26 @@ def bench_env(root: Path) -> dict[str, str]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS in MiB (ru_maxrss of this child alone) and output."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode()[-3000:]}")
-    return wall, int(usage.ru_maxrss // 1024), out.decode()
+    """Wall seconds, peak RSS in MiB of `cmd` alone (see benchmarks/peak_rss.py) and output.
+
+    The wall time is taken by the launcher around the command itself, so the launcher's own
+    start (~50 ms) is not counted.
+    """
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        stats_path = f.name
+    try:
+        launcher = [sys.executable, "-m", "benchmarks.peak_rss", stats_path, *cmd]
+        proc = subprocess.run(launcher, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = proc.stdout.decode()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
+        stats = json.loads(Path(stats_path).read_text())
+    finally:
+        Path(stats_path).unlink(missing_ok=True)
+    return stats["wall_s"], int(stats["max_rss_kib"] // 1024), out
 
 
 def python() -> str:

@@ -110,6 +110,12 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threshold-policy", choices=["global", "per_label", "shrunk"])
     p.add_argument("--force-promote", action="store_true", help="make it champion regardless")
+    p.add_argument(
+        "--fastpath-check-images",
+        type=int,
+        metavar="N",
+        help="validation images the CPU fast path is checked on at export (default 1000; 0: none)",
+    )
     p.add_argument("--home", help="storage root (default MULTITAG_HOME)")
     p.set_defaults(func=_cmd_retrain)
 
@@ -139,6 +145,8 @@ def _retrain_params(args: argparse.Namespace):  # -> RetrainParams (lazy import)
         data["data"] = args.data
     if args.threshold_policy:
         data["thresholds"] = {"policy": args.threshold_policy}
+    if args.fastpath_check_images is not None:
+        data["fastpath_check_images"] = args.fastpath_check_images
     return RetrainParams.model_validate(data)
 
 
@@ -151,9 +159,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         print(f"multitag retrain: bad parameters:\n{e}", file=sys.stderr)
         return EXIT_UNUSABLE
     _prepare_runtime()
+    server = _start_server_early()
     from flows.retrain import retrain
 
-    result = _run_flow("retrain", retrain, params)
+    result = _run_flow("retrain", retrain, params, server)
     if result is None:
         return EXIT_FAILED
     d = result["decision"]
@@ -210,9 +219,12 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         print(f"multitag tag: bad parameters:\n{e}", file=sys.stderr)
         return EXIT_UNUSABLE
     _prepare_runtime()
-    from flows.tag import tag_images
+    server = _start_server_early()
+    from flows.tag import prefetch, tag_images
 
-    s = _run_flow("tag", tag_images, params)
+    if server is not None and not (params.dask_address or params.dask_local_workers):
+        prefetch(params)  # the model loads here while the server boots on the other core
+    s = _run_flow("tag", tag_images, params, server)
     if s is None:
         return EXIT_FAILED
     rate = f"{s['images_per_s']:.1f} images/s" if s["images_per_s"] else "nothing new to tag"
@@ -300,9 +312,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = {"n_images": args.images, "epochs": args.epochs, "home": args.home}
     params = DemoParams.model_validate({k: v for k, v in data.items() if v is not None})
     _prepare_runtime()
+    server = _start_server_early()
     from flows.demo import demo, print_demo_summary
 
-    result = _run_flow("demo", demo, params)
+    result = _run_flow("demo", demo, params, server)
     if result is None:
         return EXIT_FAILED
     print_demo_summary(result)
@@ -321,9 +334,33 @@ def _prepare_runtime() -> None:
     configure_cpu_runtime()
 
 
-def _run_flow(command: str, flow_fn, params):  # -> the flow's result, or None if it failed
-    """Run a flow to its final state; a failure is reported on stderr, not as a traceback."""
-    state = flow_fn(params, return_state=True)
+def _start_server_early():  # -> flows.ephemeral.EarlyServer | None
+    """Spawn Prefect's temporary server before the flow imports (see flows/ephemeral.py)."""
+    from flows.ephemeral import start_early
+
+    return start_early()
+
+
+def _run_flow(command: str, flow_fn, params, server=None):  # -> flow result, None if it failed
+    """Run a flow to its final state; a failure is reported on stderr, not as a traceback.
+
+    `server`: the temporary Prefect server from `_start_server_early`, handed to Prefect here,
+    before the flow, so the flow finds it instead of starting a second one.
+    """
+    import atexit
+    import gc
+
+    from flows.ephemeral import no_heartbeats_on_temporary_server
+
+    # Exit cost: the interpreter's final garbage collections walk every object that Prefect,
+    # the server client and the model left (~1 s here); frozen objects are skipped. Buffered
+    # files are still closed by reference counting and atexit handlers still run.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+    if server is not None:
+        server.adopt()
+    with no_heartbeats_on_temporary_server():
+        state = flow_fn(params, return_state=True)
     if state.is_completed():
         return state.result()
     print(
@@ -346,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and on bad arguments (2)
         return e.code if isinstance(e.code, int) else EXIT_UNUSABLE
-    return args.func(args)
+    from flows.ephemeral import EphemeralServerError  # standard library only: cheap
+
+    try:
+        return args.func(args)
+    except EphemeralServerError as e:
+        print(f"multitag {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

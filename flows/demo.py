@@ -68,6 +68,8 @@ def print_demo_summary(result: dict[str, Any]) -> None:
     print(f"report     : {join(models, 'report.md')}")
     print(f"tags       : {t['output']}  ({t['tagged']} tagged, {t['failed']} failed)")
     print(f"manifest   : {t['manifest']}")
+    for scorer in t.get("scorers", []):
+        print(f"scorer     : {scorer}")
     table = ds.dataset(t["output"], format="parquet").head(
         5, columns=["image_uri", "labels", "top_label", "top_score"]
     )

@@ -40,7 +40,7 @@ def retrain(params: RetrainParams) -> dict[str, Any]:
     stage = train_model(dataset_dir, params.train)
     stage = select_thresholds(stage, params.thresholds)
     dataset = {"uri": params.data, "local_path": dataset_dir, "name": _dataset_name(params)}
-    version = register_model(stage, home, dataset, contract)
+    version = register_model(stage, home, dataset, contract, params.fastpath_check_images)
     decision = promote_if_better(home, version, params.promote_metric, params.force_promote)
     get_run_logger().info("model %s registered; promoted=%s", version, decision.get("promoted"))
     return {"version": version, "decision": decision, "home": home, "dataset_dir": dataset_dir}

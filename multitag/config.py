@@ -160,6 +160,13 @@ class RetrainParams(BaseModel):
     promote_metric: Literal["mAP", "accuracy_multi", "f1_micro", "f1_macro"] = "mAP"
     force_promote: bool = False
     home: str | None = Field(None, description="Storage root; default MULTITAG_HOME.")
+    fastpath_check_images: int = Field(
+        1000,
+        ge=0,
+        description="Validation images on which the CPU fast path (ONNX fp32/int8, bf16) is "
+        "checked against fp32 at export and recorded with the model; 0: no fast path "
+        "(tagging then checks one on its own images).",
+    )
 
 
 class TagParams(BaseModel):

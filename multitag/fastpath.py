@@ -8,23 +8,27 @@ only trusted after measuring, on real images, that it makes the same label decis
 fp32 torch model under the model's own thresholds (`DEFAULT_AGREEMENT_BAR` of image-label
 decisions identical).
 
-How it is used (`select_scorer`, called by `multitag.tagging.load_tagger`):
+Where the check happens:
 
-- `precision="fp32"` never comes here: torch eager fp32, bit-stable scores.
-- `precision="auto"` on CPU: look up the fast-path record of this model (cache keyed by the
-  model file's sha256 + onnxruntime + torch versions); if missing, build it from a sample of
-  the images to tag (calibration and check sets disjoint), measure each candidate's decision
-  agreement and speed against torch fp32, and record it. The fastest candidate whose
-  agreement meets the bar is used; if none does, torch fp32, and the log says why.
-- `precision="int8"`: the int8 ONNX model whatever its agreement (logged if below the bar).
+- At export (`build_for_registry`, called by `multitag.retraining.register_stage`): the
+  final model is exported to ONNX fp32 and int8 (calibrated on training images) and every
+  candidate is scored against torch fp32 on the validation images (up to
+  `RetrainParams.fastpath_check_images`, 1,000 by default: thousands of decisions, enough to
+  hold a 0.5% bar). The ONNX files and `fastpath.json` (agreement, flips, max score
+  difference, img/s, sha256 of each file) become files of the registry version, covered by
+  its SHA256SUMS. Tagging reads the record (`choose_for_run`) and checks nothing again; an
+  ONNX pick is loaded from the version itself, so the learner is not unpickled and neither
+  torch nor fastai is imported.
+- For versions registered without one (`select_scorer`): the first time a model file is
+  used on a machine, a sample of the images to tag is checked (calibration and check sets
+  disjoint) and the record cached under MULTITAG_CACHE_DIR, keyed by the model file's
+  sha256 + onnxruntime + torch versions; a cached ONNX file whose sha256 no longer matches
+  the record is never loaded: the record is rebuilt.
 
-Once a record exists and its pick is an ONNX scorer, `load_tagger` builds the tagger from
-the registry's JSON files and the cached ONNX file alone (`registry.load_metadata`): the
-learner is not unpickled and fastai not imported. A torch pick (bf16, fp32) needs the learner.
-
-The cache holds the ONNX files and `fastpath.json` (agreement, speed, sha256 of each file).
-A model version is immutable in the registry, so a record stays valid; a cached ONNX file
-whose sha256 no longer matches the record is never loaded: the record is rebuilt.
+Precisions: `fp32` never comes here (torch eager, bit-stable scores); `auto` on CPU runs the
+fastest candidate whose agreement meets the bar, else torch fp32 (the log and the manifest
+say which and why); `int8` runs the int8 ONNX model whatever its agreement (logged if below
+the bar).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ DEFAULT_AGREEMENT_BAR = 0.995
 ONNX_OPSET = 17
 # Sample taken from the images to tag when no record exists: calibration, then check.
 N_CALIBRATION = 64
-N_CHECK = 128
+N_CHECK = 256  # x the labels: >= 1,500 decisions for 6 labels, 5,000 for VOC's 20
 CHECK_BATCH = 64  # the tagger's default batch size
 # Candidate names, as recorded and as accepted by `make_scorer`.
 ORT_INT8 = "onnx-int8"
@@ -396,16 +400,23 @@ def _atomic_publish(tmp: Path, folder: Path) -> None:
 def _timed_scores(
     scorer: Any, images: np.ndarray, batch: int = CHECK_BATCH
 ) -> tuple[np.ndarray, float]:
-    """Scores of all images in `batch`-sized batches, and images/s after a warm-up batch.
+    """Scores of all images in `batch`-sized batches, and images/s on full batches.
 
     Timed at the batch size the tagger will use: measured here, bf16 on resnet50 ran 54 img/s
     at batch 32 and 26 at batch 64, so a ranking at another size can pick the slower path.
+    The speed comes from at least two full batches after a warm-up one (check images tiled
+    when there are fewer), so a small check set still ranks the candidates at that size.
     """
-    scorer.score_batch(images[:batch])  # warm-up: allocation, kernel choice
+    out = np.concatenate(
+        [scorer.score_batch(images[i : i + batch]) for i in range(0, len(images), batch)]
+    )
+    full = images[np.arange(2 * batch) % len(images)]
+    scorer.score_batch(full[:batch])  # warm-up: allocation, kernel choice
     t0 = time.perf_counter()
-    out = [scorer.score_batch(images[i : i + batch]) for i in range(0, len(images), batch)]
+    for i in range(0, len(full), batch):
+        scorer.score_batch(full[i : i + batch])
     dt = time.perf_counter() - t0
-    return np.concatenate(out), len(images) / dt if dt > 0 else float("inf")
+    return out, len(full) / dt if dt > 0 else float("inf")
 
 
 def bf16_supported() -> bool:
@@ -416,6 +427,83 @@ def bf16_supported() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def measure_candidates(
+    model: Any,
+    folder: Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    thresholds: Any,
+    calibration: np.ndarray,
+    check: np.ndarray,
+    threads: int | None = None,
+    batch_size: int = CHECK_BATCH,
+) -> tuple[dict[str, CandidateResult], int]:
+    """Export and quantise into `folder`, then score every candidate against torch fp32.
+
+    `calibration` and `check`: uint8 (N, H, W, 3) model-ready images, disjoint. Returns the
+    results by candidate name and the model's label count.
+    """
+    from multitag.tagging import TorchScorer
+
+    if len(check) == 0 or len(calibration) == 0:
+        raise FastPathError("a fast path needs calibration and check images; got none")
+    n_labels = _n_labels(model, img_size)
+    ref = TorchScorer(model, mean=mean, std=std, n_labels=n_labels)
+    ref_probs, ref_speed = _timed_scores(ref, check, batch_size)
+    results = {TORCH_FP32: CandidateResult(TORCH_FP32, 1.0, ref_speed, 0.0, 0)}
+    export_onnx(model, folder / FP32_ONNX, img_size)
+    quantize_int8(folder / FP32_ONNX, folder / INT8_ONNX, normalise_batch(calibration, mean, std))
+    scorers: dict[str, Callable[[], Any]] = {
+        ORT_FP32: lambda: OrtScorer(folder / FP32_ONNX, mean=mean, std=std,
+                                    n_labels=n_labels, threads=threads),
+        ORT_INT8: lambda: OrtScorer(folder / INT8_ONNX, mean=mean, std=std,
+                                    n_labels=n_labels, threads=threads, name=ORT_INT8),
+    }  # fmt: skip
+    if bf16_supported():
+        scorers[TORCH_BF16] = lambda: bf16_scorer(model, mean, std, n_labels)
+    files = {ORT_FP32: FP32_ONNX, ORT_INT8: INT8_ONNX}
+    for name, make in scorers.items():
+        probs, speed = _timed_scores(make(), check, batch_size)
+        agree = decision_agreement(ref_probs, probs, thresholds)
+        n = round((1.0 - agree) * ref_probs.size)
+        f = files.get(name)
+        results[name] = CandidateResult(
+            name, agree, speed, float(np.max(np.abs(probs - ref_probs))), n, f,
+            sha256_file(folder / f) if f else None,
+        )  # fmt: skip
+    return results, n_labels
+
+
+def _record(
+    results: dict[str, CandidateResult],
+    *,
+    model_sha256: str,
+    n_labels: int,
+    bar: float,
+    n_calibration: int,
+    n_check: int,
+    t_start: float,
+    extra: dict[str, Any],
+) -> FastPathRecord:
+    chosen, reason = choose(results, bar)
+    return FastPathRecord(
+        model_sha256=model_sha256,
+        versions=library_versions(),
+        created_at=datetime.now(UTC).isoformat(),
+        bar=bar,
+        n_calibration=n_calibration,
+        n_check=n_check,
+        n_labels=n_labels,
+        candidates=results,
+        chosen=chosen,
+        reason=reason,
+        build_s=round(time.perf_counter() - t_start, 2),
+        extra=extra,
+    )
 
 
 def build_record(
@@ -433,13 +521,11 @@ def build_record(
     threads: int | None = None,
     batch_size: int = CHECK_BATCH,
 ) -> FastPathRecord:
-    """Export, quantise, measure every candidate against torch fp32, write the record.
+    """Export, quantise, measure every candidate against torch fp32, write the cache record.
 
-    `calibration` and `check`: uint8 (N, H, W, 3) model-ready images, disjoint, from the
-    images the model will tag (or its validation set).
+    For models registered without an export-time record (see `build_for_registry`):
+    `calibration` and `check` come from the images the model is about to tag.
     """
-    from multitag.tagging import TorchScorer
-
     t_start = time.perf_counter()
     if len(check) == 0 or len(calibration) == 0:
         raise FastPathError("a fast path needs calibration and check images; got none")
@@ -447,51 +533,92 @@ def build_record(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        n_labels = _n_labels(model, img_size)
-        ref = TorchScorer(model, mean=mean, std=std, n_labels=n_labels)
-        ref_probs, ref_speed = _timed_scores(ref, check, batch_size)
-        results = {TORCH_FP32: CandidateResult(TORCH_FP32, 1.0, ref_speed, 0.0, 0)}
-        export_onnx(model, tmp / FP32_ONNX, img_size)
-        quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, normalise_batch(calibration, mean, std))
-        scorers: dict[str, Callable[[], Any]] = {
-            ORT_FP32: lambda: OrtScorer(tmp / FP32_ONNX, mean=mean, std=std,
-                                        n_labels=n_labels, threads=threads),
-            ORT_INT8: lambda: OrtScorer(tmp / INT8_ONNX, mean=mean, std=std,
-                                        n_labels=n_labels, threads=threads, name=ORT_INT8),
-        }  # fmt: skip
-        if bf16_supported():
-            scorers[TORCH_BF16] = lambda: bf16_scorer(model, mean, std, n_labels)
-        files = {ORT_FP32: FP32_ONNX, ORT_INT8: INT8_ONNX}
-        for name, make in scorers.items():
-            probs, speed = _timed_scores(make(), check, batch_size)
-            agree = decision_agreement(ref_probs, probs, thresholds)
-            n = round((1.0 - agree) * ref_probs.size)
-            f = files.get(name)
-            results[name] = CandidateResult(
-                name, agree, speed, float(np.max(np.abs(probs - ref_probs))), n, f,
-                sha256_file(tmp / f) if f else None,
-            )  # fmt: skip
-        chosen, reason = choose(results, bar)
-        record = FastPathRecord(
-            model_sha256=model_sha256,
-            versions=library_versions(),
-            created_at=datetime.now(UTC).isoformat(),
-            bar=bar,
-            n_calibration=len(calibration),
-            n_check=len(check),
-            n_labels=n_labels,
-            candidates=results,
-            chosen=chosen,
-            reason=reason,
-            build_s=round(time.perf_counter() - t_start, 2),
-            extra={"batch_size": batch_size},
-        )
+        results, n_labels = measure_candidates(
+            model, tmp, mean=mean, std=std, img_size=img_size, thresholds=thresholds,
+            calibration=calibration, check=check, threads=threads, batch_size=batch_size,
+        )  # fmt: skip
+        record = _record(
+            results, model_sha256=model_sha256, n_labels=n_labels, bar=bar,
+            n_calibration=len(calibration), n_check=len(check), t_start=t_start,
+            extra={"batch_size": batch_size, "check_set": "images to tag"},
+        )  # fmt: skip
         (tmp / RECORD_FILE).write_text(json.dumps(record.to_json(), indent=2))
         _atomic_publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fast path for model %s: %s", model_sha256[:12], reason)
+    log.info("fast path for model %s: %s", model_sha256[:12], record.reason)
     return record
+
+
+def build_for_registry(
+    model: Any,
+    out_dir: Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    thresholds: Any,
+    model_sha256: str,
+    calibration: np.ndarray,
+    check: np.ndarray,
+    bar: float = DEFAULT_AGREEMENT_BAR,
+    batch_size: int = CHECK_BATCH,
+    threads: int | None = None,
+) -> FastPathRecord:
+    """The export-time fast path: ONNX files and fastpath.json in `out_dir`, for the registry.
+
+    Why at export: the validation set is labelled, large and already there, so the agreement
+    behind `precision=auto` is measured once on many images (a 0.5% bar needs thousands of
+    decisions) instead of on a small sample in every tagging run; the record, the ONNX files
+    and their sha256 then travel with the model version, and a tagging run that uses an ONNX
+    candidate never unpickles the learner. `calibration`: training images; `check`:
+    validation images (uint8, model-ready, disjoint).
+    """
+    t_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, n_labels = measure_candidates(
+        model, out_dir, mean=mean, std=std, img_size=img_size, thresholds=thresholds,
+        calibration=calibration, check=check, threads=threads, batch_size=batch_size,
+    )  # fmt: skip
+    record = _record(
+        results, model_sha256=model_sha256, n_labels=n_labels, bar=bar,
+        n_calibration=len(calibration), n_check=len(check), t_start=t_start,
+        extra={"batch_size": batch_size, "check_set": "validation",
+               "calibration_set": "training"},
+    )  # fmt: skip
+    (out_dir / RECORD_FILE).write_text(json.dumps(record.to_json(), indent=2))
+    log.info("export-time fast path for model %s: %s", model_sha256[:12], record.reason)
+    return record
+
+
+def registry_files(out_dir: Path) -> dict[str, Path]:
+    """The files of `build_for_registry` by name, as `registry.register_model(extra_files=)`."""
+    return {name: out_dir / name for name in (RECORD_FILE, FP32_ONNX, INT8_ONNX)}
+
+
+def choose_for_run(record: FastPathRecord, precision: str, bar: float) -> tuple[str, str]:
+    """The candidate a tagging run on this machine uses, from a recorded measurement.
+
+    `auto`: the fastest candidate meeting `bar` (the speeds were measured where the record was
+    built, which ranks them well enough on CPUs alike); torch-bf16 only where this CPU has
+    native bf16. `int8`: the int8 ONNX model, whatever its agreement (logged when below).
+    """
+    if precision == "int8":
+        cand = record.candidates.get(ORT_INT8)
+        if cand is None:
+            raise FastPathError("the fast-path record has no int8 model; use auto or fp32")
+        reason = f"int8 requested: {cand.agreement:.4%} of decisions equal to fp32"
+        if cand.agreement < bar:
+            log.warning("%s, below the %.2f%% bar; precision=auto would use fp32", reason,
+                        100 * bar)  # fmt: skip
+        return ORT_INT8, reason
+    cands = dict(record.candidates)
+    name, reason = choose(cands, bar)
+    if name == TORCH_BF16 and not bf16_supported():
+        cands.pop(TORCH_BF16)
+        name, reason = choose(cands, bar)
+        reason += " (torch-bf16 skipped: no native bf16 on this CPU)"
+    return name, reason
 
 
 def _n_labels(model: Any, img_size: int) -> int:
@@ -601,16 +728,7 @@ def select_scorer(
             log.warning("precision auto -> fp32: %s", msg)
             return Selection(make_scorer(TORCH_FP32, None, model, mean=mean, std=std,
                                          n_labels=n_labels), TORCH_FP32, msg, None)  # fmt: skip
-    if precision == "int8":
-        cand = record.candidates[ORT_INT8]
-        reason = f"int8 requested: {cand.agreement:.4%} of decisions equal to fp32"
-        if cand.agreement < bar:
-            log.warning(
-                "%s, below the %.2f%% bar; precision=auto would use fp32", reason, 100 * bar
-            )
-        name = ORT_INT8
-    else:
-        name, reason = choose(record.candidates, bar)  # the bar may differ from the record's
+    name, reason = choose_for_run(record, precision, bar)  # the bar may differ from the record's
     log.info("precision %s -> %s (%s)", precision, name, reason)
     scorer = make_scorer(name, record, model, mean=mean, std=std, n_labels=n_labels, root=root,
                          threads=threads)  # fmt: skip

@@ -8,6 +8,8 @@ Layout under `<home>/models/` (home: a local folder, `memory://...`, `s3://bucke
     <version>/metrics.json     see `register_model`; the gate reads metrics["validation"][metric]
     <version>/inference.json   `training.inference_spec()`: img_size, mean, std, vocab, arch
     <version>/report.md, *.png `reports.build_model_report()` output
+    <version>/fastpath.json,   optional: the CPU fast path exported at registration and its
+      model.{fp32,int8}.onnx   agreement with fp32 on the validation set (multitag.fastpath)
     <version>/SHA256SUMS       `<hex>  <name>` per file (sha256sum format), written LAST: its
                                presence is what marks a version complete
     champion.json              {"version", "sha256", "metric", "value", "promoted_at", ...}
@@ -33,7 +35,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -57,6 +59,10 @@ METRICS_FILE = "metrics.json"
 INFERENCE_FILE = "inference.json"
 REPORT_FILE = "report.md"
 SUMS_FILE = "SHA256SUMS"
+FASTPATH_FILE = "fastpath.json"  # multitag.fastpath's export-time record (optional)
+# Large binaries are hashed when they are opened (`verified_file`), not read into memory by
+# `load_metadata`.
+_LAZY_SUFFIXES = (".onnx",)
 CHAMPION_FILE = "champion.json"
 DECISIONS_DIR = "_decisions"
 
@@ -140,6 +146,10 @@ class ModelMetadata:
     inference: dict[str, Any]
     sha256: str  # of model.pkl, checked against SHA256SUMS (and champion.json if the champion)
     model_path: Path  # the local, sha-checked model.pkl (a cache copy for remote roots)
+    uri: str = ""  # the version folder
+    sums: dict[str, str] = field(default_factory=dict)  # SHA256SUMS: every file of the version
+    fastpath: dict[str, Any] | None = None  # fastpath.json, when the version was exported with one
+    home: str | None = None
 
 
 @dataclass
@@ -302,6 +312,7 @@ def register_model(
     inference: dict[str, Any],
     report_files: dict[str, bytes] | None = None,
     version: str | None = None,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> str:
     """Write a new immutable version and return its id.
 
@@ -317,8 +328,10 @@ def register_model(
       wall_time_s, device, history   training figures
 
     `report_files=None` builds the report from metrics, thresholds and metrics["validation"];
-    pass `{}` for no report. Nothing is written over: an existing version id, even a partly
-    written one, raises VersionExistsError.
+    pass `{}` for no report. `extra_files`: name -> local file copied into the version (the
+    fast path's ONNX files and fastpath.json), covered by SHA256SUMS like every other file.
+    Nothing is written over: an existing version id, even a partly written one, raises
+    VersionExistsError.
     """
     learner_file = Path(learner_file)
     if not learner_file.is_file():
@@ -338,6 +351,10 @@ def register_model(
 
         report_files = build_model_report(metrics, thresholds, metrics["validation"])
     _check_report_names(report_files)
+    extra = {name: Path(path).read_bytes() for name, path in (extra_files or {}).items()}
+    _check_report_names(extra)
+    if clash := sorted(set(extra) & set(report_files)):
+        raise RegistryError(f"extra files {clash} clash with report files of the same name")
 
     record = {
         "version": version,
@@ -352,6 +369,7 @@ def register_model(
         METRICS_FILE: _json_bytes(metrics),
         INFERENCE_FILE: _json_bytes(inference),
         **report_files,
+        **extra,
     }
     vdir = version_uri(home, version)
     if exists(vdir):
@@ -760,8 +778,12 @@ def load_metadata(home: str | None = None, version: str | None = None) -> ModelM
             f"champion.json names {version} with model.pkl sha256 {expected_model_sha}, but its "
             f"{SUMS_FILE} says {sums[MODEL_FILE]}; promote a version again to repair the pointer"
         )
-    blobs = {n: _read_verified(vdir, version, n, sums) for n in sorted(sums) if n != MODEL_FILE}
-    model_path = _verified_model_file(home, vdir, version, sums[MODEL_FILE])
+    blobs = {
+        n: _read_verified(vdir, version, n, sums)
+        for n in sorted(sums)
+        if n != MODEL_FILE and not n.endswith(_LAZY_SUFFIXES)
+    }
+    model_path = _verified_file(home, vdir, version, MODEL_FILE, sums[MODEL_FILE])
 
     from multitag.thresholds import ThresholdSet
 
@@ -772,7 +794,23 @@ def load_metadata(home: str | None = None, version: str | None = None) -> ModelM
         inference=_loads(blobs[INFERENCE_FILE], INFERENCE_FILE),
         sha256=sums[MODEL_FILE],
         model_path=model_path,
+        uri=vdir,
+        sums=dict(sums),
+        fastpath=_loads(blobs[FASTPATH_FILE], FASTPATH_FILE) if FASTPATH_FILE in blobs else None,
+        home=home,
     )
+
+
+def verified_file(meta: ModelMetadata, name: str) -> Path:
+    """A local copy of one file of a loaded version, hashed against its SHA256SUMS entry now.
+
+    Why now and not in `load_metadata`: the ONNX files are large and a run opens at most one.
+    """
+    if name not in meta.sums:
+        raise IntegrityError(
+            f"model version {meta.version} has no {name} in {SUMS_FILE}; files: {sorted(meta.sums)}"
+        )
+    return _verified_file(meta.home, meta.uri, meta.version, name, meta.sums[name])
 
 
 def load_model(home: str | None = None, version: str | None = None) -> LoadedModel:
@@ -811,30 +849,30 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "multitag"
 
 
-def _verified_model_file(home: str | None, vdir: str, version: str, expected: str) -> Path:
-    """A local model.pkl whose bytes hash to `expected`; remote ones go through the cache."""
-    source = join(vdir, MODEL_FILE)
+def _verified_file(home: str | None, vdir: str, version: str, name: str, expected: str) -> Path:
+    """A local file whose bytes hash to `expected`; remote ones go through the cache."""
+    source = join(vdir, name)
     if is_local(source):
         _, path = fs_and_path(source)
         actual = _sha256_uri(source)
         if actual != expected:
-            raise _mismatch(version, MODEL_FILE, expected, actual)
+            raise _mismatch(version, name, expected, actual)
         return Path(path)
     # Keyed by the root too: two registries may both hold a version called "v1".
     root_key = sha256_bytes(models_uri(home).encode("utf-8"))[:12]
-    target = cache_dir() / "models" / root_key / version / MODEL_FILE
+    target = cache_dir() / "models" / root_key / version / name
     if target.is_file():
         with target.open("rb") as f:
             if _sha256_stream(f) == expected:
                 return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{MODEL_FILE}")
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{name}")
     fs, path = fs_and_path(source)
     try:
         with fs.open(path, "rb") as src, tmp.open("wb") as dst:
             actual = _sha256_stream(src, sink=dst)
         if actual != expected:
-            raise _mismatch(version, MODEL_FILE, expected, actual)
+            raise _mismatch(version, name, expected, actual)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ arrays. The folder is local to the worker that trains; only `register_stage` wri
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ STAGE_VALID = "valid_preds.npz"
 STAGE_TEST = "test_preds.npz"
 STAGE_THRESHOLDS = "thresholds.json"
 STAGE_EVALUATION = "evaluation.json"
+
+log = logging.getLogger(__name__)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -171,8 +174,15 @@ def register_stage(
     *,
     dataset: dict[str, Any],
     contract_summary: dict[str, Any],
+    fastpath_check_images: int = 1000,
 ) -> str:
-    """Finalise the learner with its thresholds and write an immutable registry version."""
+    """Finalise the learner with its thresholds and write an immutable registry version.
+
+    With `fastpath_check_images` > 0 and the dataset on this worker, the CPU fast path is
+    exported and checked on that many validation images (`export_fastpath`) and registered
+    with the model; a model that cannot be exported is registered without one (logged and
+    recorded in metrics.json), since tagging can still run it in fp32.
+    """
     from multitag import registry, reports, training
     from multitag.thresholds import ThresholdSet
 
@@ -205,6 +215,16 @@ def register_stage(
         "library_versions": registry.library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    extra: dict[str, Path] = {}
+    dataset_dir = Path(str(dataset.get("local_path") or ""))
+    if fastpath_check_images > 0 and (dataset_dir / "train.csv").is_file():
+        try:
+            extra, metrics["fastpath"] = export_fastpath(
+                learner, final, dataset_dir, ts, train_info["inference"], fastpath_check_images
+            )
+        except Exception as exc:  # any exporter failure: recorded, the model registers without
+            log.warning("no fast path for this model (tagging will check one): %s", exc)
+            metrics["fastpath"] = {"error": f"{type(exc).__name__}: {exc}"}
     report_files = reports.build_model_report(metrics, thresholds, evaluation["validation"])
     return registry.register_model(
         home,
@@ -213,7 +233,71 @@ def register_stage(
         metrics=metrics,
         inference=train_info["inference"],
         report_files=report_files,
+        extra_files=extra,
     )
+
+
+def export_fastpath(
+    learner: Any,
+    final: Path,
+    dataset_dir: Path,
+    thresholds: Any,
+    inference: dict[str, Any],
+    n_check: int,
+    n_calibration: int = 64,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """ONNX fp32/int8 of the final model, checked on validation images against fp32.
+
+    Calibration images come from the training split, check images from the validation split,
+    spread evenly over each, decoded exactly as tagging decodes. Returns the files for the
+    registry and a summary for metrics.json.
+    """
+    from multitag import contracts, fastpath, registry
+
+    table = contracts.validate_dataset(dataset_dir, check_images=False).table
+    valid = list(table.loc[table["is_valid"], "fname"])
+    train = list(table.loc[~table["is_valid"], "fname"])
+    check = _decode_spread(dataset_dir / "train", valid, n_check, inference)
+    calibration = _decode_spread(dataset_dir / "train", train, n_calibration, inference)
+    out = final / "fastpath"
+    record = fastpath.build_for_registry(
+        learner.model, out, mean=inference["mean"], std=inference["std"],
+        img_size=int(inference["img_size"]), thresholds=thresholds,
+        model_sha256=registry.sha256_bytes((final / STAGE_MODEL).read_bytes()),
+        calibration=calibration, check=check,
+    )  # fmt: skip
+    summary = {
+        "chosen": record.chosen,
+        "reason": record.reason,
+        "n_check": record.n_check,
+        "n_labels": record.n_labels,
+        "agreement": {k: c.agreement for k, c in record.candidates.items()},
+        "images_per_s": {k: round(c.images_per_s, 1) for k, c in record.candidates.items()},
+        "build_s": record.build_s,
+    }
+    return fastpath.registry_files(out), summary
+
+
+def _decode_spread(folder: Path, names: list[str], n: int, inference: dict[str, Any]) -> np.ndarray:
+    """Up to n images of `names`, evenly spread, as the tagger decodes them (unreadable skipped)."""
+    from multitag.imaging import ImageDecodeError, decode_image
+
+    if not names or n <= 0:
+        return np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    picks = sorted({int(i) for i in np.linspace(0, len(names) - 1, min(n, len(names))).round()})
+    arrays = []
+    for i in picks:
+        try:
+            image = decode_image(
+                (folder / names[i]).read_bytes(),
+                int(inference["img_size"]),
+                resize_method=inference.get("resize_method", "crop"),
+                pad_mode=inference.get("pad_mode", "reflection"),
+            )
+        except (OSError, ImageDecodeError):
+            continue
+        arrays.append(image.array)
+    return np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
 def stage_key(dataset_dir: str | Path, params: TrainParams) -> str:

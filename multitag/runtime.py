@@ -7,6 +7,7 @@ worker) *before* torch is imported, and importing this library must have no side
 from __future__ import annotations
 
 import os
+import sys
 
 # Measured on 2 shared cores: PASSIVE stops OpenMP threads spinning between ops, which cut CPU
 # time per epoch 2-3x when another process shares the machine.
@@ -17,26 +18,43 @@ def configure_cpu_runtime(threads: int | None = None) -> int:
     """Apply CPU thread settings; returns the intra-op thread count torch will use.
 
     Env defaults only take effect if torch has not been imported yet, so call this first.
+    torch is not imported here: a tagging run on an ONNX model never needs it (~2 s and
+    ~300 MiB per process); OMP_NUM_THREADS carries the count to torch if it is imported later.
     """
     for key, value in _CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    n = threads or available_cpus()
-    import torch
-
-    torch.set_num_threads(n)
+    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or available_cpus()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
     return n
+
+
+def cuda_possible() -> bool:
+    """False when this machine certainly has no usable NVIDIA GPU, without importing torch.
+
+    Why: `torch.cuda.is_available()` costs the torch import (seconds on a small CPU) in runs
+    that would not use torch at all on a CPU-only machine.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0"))
 
 
 def pick_device(preferred: str = "auto") -> str:
     """'cuda' if asked for or available (auto), else 'cpu'; a missing GPU asked for is an error."""
+    if preferred == "cpu" or (preferred == "auto" and not cuda_possible()):
+        return "cpu"
     import torch
 
-    if preferred == "cpu":
-        return "cpu"
     has_cuda = torch.cuda.is_available()
     if preferred == "cuda" and not has_cuda:
-        raise RuntimeError("device='cuda' was requested but no CUDA device is visible to torch; "
-                           "run on a GPU worker or pass device='auto'/'cpu'.")
+        raise RuntimeError(
+            "device='cuda' was requested but no CUDA device is visible to torch; "
+            "run on a GPU worker or pass device='auto'/'cpu'."
+        )
     return "cuda" if has_cuda else "cpu"
 
 

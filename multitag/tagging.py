@@ -46,6 +46,7 @@ two runs started together meet in the middle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import io
 import itertools
@@ -678,14 +679,16 @@ def _allow_pixels(max_pixels: int | None) -> None:
 def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
     """Load a registry model (sha256-verified) and wrap it as a Tagger.
 
-    When this model file's ONNX fast path is cached and passed its agreement check, the
-    learner is not unpickled and fastai is not imported (seconds per process on a small
-    CPU): the ONNX scorer needs only the version's JSON files. Otherwise the full load.
+    When the fast path `precision` picks is an ONNX model (recorded with the version at
+    export, or for older versions cached after a check on this machine), the learner is not
+    unpickled and fastai is not imported (seconds per process on a small CPU): the ONNX
+    scorer needs only the version's JSON files. Otherwise the full load.
     """
     from multitag.registry import load_metadata, unpickle_model
 
     meta = load_metadata(params.home, model_version or params.model_version)
-    fast = _tagger_from_cached_onnx(meta, params)
+    record, why = _export_record(meta, params)
+    fast = _onnx_tagger(meta, params, record) if record else _tagger_from_cached_onnx(meta, params)
     if fast is not None:
         return fast
     loaded = unpickle_model(meta)
@@ -697,16 +700,113 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
         decode_workers=params.decode_workers,
         max_pixels=params.max_pixels,
     )
-    _use_fast_path(tagger, loaded, params)
+    if record is not None:
+        _use_recorded_torch_path(tagger, record, params)
+    else:
+        if why:
+            logging.getLogger(__name__).warning("%s: checking a fast path on this machine", why)
+        _use_fast_path(tagger, loaded, params)
     return tagger
 
 
 # [fastpath] wiring of precision auto/int8 to multitag.fastpath (performance helper).
+def _wants_fast_path(params: TagParams) -> bool:
+    from multitag.runtime import pick_device
+
+    return params.precision in ("auto", "int8") and pick_device(params.device) == "cpu"
+
+
+def _export_record(meta: Any, params: TagParams) -> tuple[Any, str]:
+    """The version's export-time fast-path record when this run can use it, and if not, why.
+
+    The record's files were hashed with the version; a record that cannot be read or that
+    belongs to another model file is not used (the run checks a fast path itself instead).
+    """
+    if meta.fastpath is None or not _wants_fast_path(params):
+        return None, ""
+    from multitag import fastpath
+
+    try:
+        record = fastpath.FastPathRecord.from_json(meta.fastpath)
+    except (fastpath.FastPathError, KeyError, TypeError, ValueError) as exc:
+        return None, f"model {meta.version}: its fastpath.json is not usable ({exc})"
+    if record.model_sha256 != meta.sha256 or record.n_labels != len(meta.thresholds.vocab):
+        return None, f"model {meta.version}: its fastpath.json describes another model file"
+    return record, ""
+
+
+def _choose_recorded(record: Any, params: TagParams) -> tuple[str, str]:
+    from multitag import fastpath
+
+    try:
+        name, reason = fastpath.choose_for_run(
+            record, params.precision, fastpath.DEFAULT_AGREEMENT_BAR
+        )
+    except fastpath.FastPathError as exc:
+        raise TaggingError(str(exc)) from exc
+    where = record.extra.get("check_set", "sampled images")
+    return name, f"{reason}; checked at export on {record.n_check} {where} images"
+
+
+def _onnx_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None:
+    """A Tagger over the version's own ONNX file when the recorded choice is an ONNX model."""
+    from multitag import fastpath
+    from multitag.registry import verified_file
+
+    name, reason = _choose_recorded(record, params)
+    if name not in (fastpath.ORT_FP32, fastpath.ORT_INT8):
+        return None
+    cand = record.candidates[name]
+    path = verified_file(meta, str(cand.file))  # hashed against SHA256SUMS now
+    if cand.sha256 != meta.sums.get(str(cand.file)):
+        raise TaggingError(
+            f"model {meta.version}: fastpath.json names {cand.file} with sha256 {cand.sha256}, "
+            f"but SHA256SUMS says {meta.sums.get(str(cand.file))}; re-register the model"
+        )
+    spec = InferenceSpec.from_dict(meta.inference)
+    scorer = fastpath.OrtScorer(
+        path, mean=spec.mean, std=spec.std, n_labels=len(spec.vocab), name=name
+    )
+    return _tagger_over(scorer, meta, params, f"{name}: {reason} (learner not unpickled)")
+
+
+def _tagger_over(scorer: Any, meta: Any, params: TagParams, choice: str) -> Tagger:
+    spec = InferenceSpec.from_dict(meta.inference)
+    tagger = Tagger(
+        scorer,
+        spec=spec,
+        thresholds=meta.thresholds,
+        model_version=meta.version,
+        baseline=ModelBaseline.from_metrics(spec.vocab, meta.metrics),
+        batch_size=params.batch_size,
+        decode_workers=params.decode_workers,
+        max_pixels=params.max_pixels,
+    )
+    tagger.precision_choice = choice
+    logging.getLogger(__name__).info("precision %s -> %s", params.precision, choice)
+    return tagger
+
+
+def _use_recorded_torch_path(tagger: Tagger, record: Any, params: TagParams) -> None:
+    """The export-time record picked a torch scorer (bf16, or fp32 when nothing faster agreed)."""
+    from multitag import fastpath
+
+    name, reason = _choose_recorded(record, params)
+    scorer = tagger.scorer
+    if name == fastpath.TORCH_BF16 and isinstance(scorer, TorchScorer):
+        spec = tagger.spec
+        tagger.scorer = fastpath.bf16_scorer(scorer.model, spec.mean, spec.std, len(spec.vocab))
+    tagger.precision_choice = f"{name}: {reason}"
+    logging.getLogger(__name__).info("precision %s -> %s", params.precision,
+                                     tagger.precision_choice)  # fmt: skip
+
+
 def _use_fast_path(tagger: Tagger, loaded: Any, params: TagParams) -> None:
     """Swap the fp32 torch scorer for the fast path `precision` asks for (CPU only).
 
-    The fast path is checked against this fp32 model on a sample of `params.source` the first
-    time a model file is used on a machine (then cached by its sha256; see multitag.fastpath).
+    For versions registered without an export-time record: the fast path is checked against
+    this fp32 model on a sample of `params.source` the first time a model file is used on a
+    machine (then cached by its sha256; see multitag.fastpath).
     """
     scorer = tagger.scorer
     if params.precision not in ("auto", "int8") or not isinstance(scorer, TorchScorer):
@@ -738,51 +838,35 @@ def _use_fast_path(tagger: Tagger, loaded: Any, params: TagParams) -> None:
 def _tagger_from_cached_onnx(meta: Any, params: TagParams) -> Tagger | None:
     """A Tagger over the cached, verified ONNX scorer `precision` would pick; else None.
 
-    None (so the learner is loaded) when: precision is fp32/bf16; the device is not the CPU;
-    no record exists for this model's sha256 or a cached file fails its sha256 check
-    (`fastpath.load_record`); or the scorer the record picks is a torch one (it needs the
-    learner). With `auto` the record's choice is re-made against the default bar, so only a
-    path that met it is used; `int8` takes the int8 file as the full load would.
+    For versions without an export-time record. None (so the learner is loaded) when:
+    precision is fp32/bf16; the device is not the CPU; no record exists for this model's
+    sha256 or a cached file fails its sha256 check (`fastpath.load_record`); or the scorer
+    the record picks is a torch one (it needs the learner).
     """
-    if params.precision not in ("auto", "int8"):
+    if not _wants_fast_path(params):
         return None
     from multitag import fastpath
-    from multitag.runtime import pick_device
 
-    if pick_device(params.device) != "cpu":
-        return None
     spec = InferenceSpec.from_dict(meta.inference)
     record = fastpath.load_record(meta.sha256)
     if record is None or record.n_labels != len(spec.vocab):
         return None
-    if params.precision == "int8":
-        if fastpath.ORT_INT8 not in record.candidates:
-            return None
-        cand = record.candidates[fastpath.ORT_INT8]
-        name = fastpath.ORT_INT8
-        reason = f"int8 requested: {cand.agreement:.4%} of decisions equal to fp32"
-    else:
-        name, reason = fastpath.choose(record.candidates, fastpath.DEFAULT_AGREEMENT_BAR)
+    if params.precision == "int8" and fastpath.ORT_INT8 not in record.candidates:
+        return None
+    try:
+        name, reason = fastpath.choose_for_run(
+            record, params.precision, fastpath.DEFAULT_AGREEMENT_BAR
+        )
+    except fastpath.FastPathError:
+        return None
     if name not in (fastpath.ORT_FP32, fastpath.ORT_INT8):
         return None
     scorer = fastpath.make_scorer(
         name, record, None, mean=spec.mean, std=spec.std, n_labels=len(spec.vocab)
     )
-    tagger = Tagger(
-        scorer,
-        spec=spec,
-        thresholds=meta.thresholds,
-        model_version=meta.version,
-        baseline=ModelBaseline.from_metrics(spec.vocab, meta.metrics),
-        batch_size=params.batch_size,
-        decode_workers=params.decode_workers,
-        max_pixels=params.max_pixels,
+    return _tagger_over(
+        scorer, meta, params, f"{name}: {reason} (cached fast path; learner not unpickled)"
     )
-    tagger.precision_choice = f"{name}: {reason} (cached fast path; learner not unpickled)"
-    logging.getLogger(__name__).info(
-        "precision %s -> %s", params.precision, tagger.precision_choice
-    )
-    return tagger
 
 
 def sample_images(
@@ -828,6 +912,24 @@ _TAGGER_FIELDS = {
     "decode_workers",
     "max_pixels",
 }
+
+
+def prefetch_tagger(params: TagParams) -> str | None:
+    """Load the tagger a run of `params` will use into this process's cache (`tagger_for`).
+
+    Why: the CLI calls it while Prefect's temporary server boots on the other core, so
+    hashing the model's files, importing onnxruntime and building the session overlap a wait
+    instead of delaying the first shard. Returns the version loaded, or None when loading
+    failed: the run then repeats the same calls inside its tasks, where a failure is reported
+    with the task's state and message (so nothing is cached and nothing is hidden).
+    """
+    try:
+        version = resolve_model_version(params)
+        tagger_for(params, version)
+    except Exception as exc:  # the flow makes the same calls and reports this failure
+        logging.getLogger(__name__).debug("tagger prefetch failed (%s); the run retries it", exc)
+        return None
+    return version
 
 
 @functools.lru_cache(maxsize=2)
@@ -1280,6 +1382,7 @@ class ShardResult:
     label_counts: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    scorer: str = ""  # which scorer tagged it and why (`Tagger.precision_choice`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1318,7 +1421,7 @@ def tag_shard(
     seconds = {k: round(v, 4) for k, v in seconds.items()}
     if status != "written":
         return ShardResult(spec.shard_id, spec.part_uri, status, len(rows), seconds=seconds)
-    return _count_rows(spec, rows, seconds)
+    return dataclasses.replace(_count_rows(spec, rows, seconds), scorer=tagger.precision_choice)
 
 
 def _write_shard(spec: ShardSpec, rows: Sequence[TagRow], run_id: str) -> str:
@@ -1490,6 +1593,7 @@ class TagSummary:
     shards: list[ShardResult]
     params: dict[str, Any]
     error: str | None = None
+    scorers: list[str] = field(default_factory=list)  # distinct `ShardResult.scorer` values
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1507,6 +1611,7 @@ class TagSummary:
             f"output:   {self.output_uri}",
             f"manifest: {self.manifest_uri}",
         ]
+        lines += [f"scorer:   {s}" for s in self.scorers]
         if self.error_kinds:
             lines.append(
                 "errors: " + ", ".join(f"{k} {v}" for k, v in sorted(self.error_kinds.items()))
@@ -1581,6 +1686,7 @@ def summarize_run(
         shards=list(results),
         params=plan.params,
         error=error,
+        scorers=sorted({r.scorer for r in written if r.scorer}),
     )
 
 

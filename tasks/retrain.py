@@ -155,16 +155,48 @@ def _evaluation_markdown(ev: dict) -> str:
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=[5, 30])
-def register_model(stage_dir: str, home: str | None, dataset: dict, contract_summary: dict) -> str:
+def register_model(
+    stage_dir: str,
+    home: str | None,
+    dataset: dict,
+    contract_summary: dict,
+    fastpath_check_images: int = 1000,
+) -> str:
     version = retraining.register_stage(
-        stage_dir, home, dataset=dataset, contract_summary=contract_summary
+        stage_dir,
+        home,
+        dataset=dataset,
+        contract_summary=contract_summary,
+        fastpath_check_images=fastpath_check_images,
     )
     info = registry.show_version(home, version)
     publish_markdown(
         "model-report", _report_markdown(info), f"model {version}: metrics, thresholds and plots"
     )
+    _publish_fastpath(version, (info.get("metrics") or {}).get("fastpath"))
     get_run_logger().info("registered model version %s", version)
     return version
+
+
+def _publish_fastpath(version: str, summary: dict[str, Any] | None) -> None:
+    """The export-time fast-path check in the UI: what `precision=auto` will run, and why."""
+    if not summary:
+        return
+    if "error" in summary:
+        get_run_logger().warning("model %s has no fast path: %s", version, summary["error"])
+        return
+    rows = [
+        {"candidate": name, "agreement_with_fp32": fmt(agree),
+         "images_per_s": summary["images_per_s"].get(name),
+         "chosen": name == summary["chosen"]}
+        for name, agree in summary["agreement"].items()
+    ]  # fmt: skip
+    publish_table(
+        "fast-path-check",
+        rows,
+        f"model {version}: CPU fast paths checked on {summary['n_check']} validation images; "
+        f"precision=auto runs {summary['chosen']}",
+    )
 
 
 def _report_markdown(info: dict) -> str:

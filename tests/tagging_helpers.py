@@ -46,8 +46,14 @@ class TinyModel:
         )
 
 
-def register_tiny_model(home: Path, work: Path, *, promote: bool = True) -> TinyModel:
-    """Train, export and register a small shapes model under `home` (about 5 CPU seconds)."""
+def register_tiny_model(
+    home: Path, work: Path, *, promote: bool = True, with_fastpath: bool = False
+) -> TinyModel:
+    """Train, export and register a small shapes model under `home` (about 5 CPU seconds).
+
+    `with_fastpath`: also export and check the CPU fast path on the validation images and
+    register it with the version, as the retrain flow does (a few more seconds).
+    """
     from multitag import registry, training
     from multitag import thresholds as th
     from multitag.config import ThresholdParams, shapes_train_params
@@ -67,6 +73,14 @@ def register_tiny_model(home: Path, work: Path, *, promote: bool = True) -> Tiny
         "train_label_prevalence": prevalence["labels"],
         "train_none_rate": prevalence["none"],
     }
+    extra: dict[str, Path] = {}
+    if with_fastpath:
+        from multitag.retraining import export_fastpath
+
+        spec = training.inference_spec(result.learner)
+        extra, metrics["fastpath"] = export_fastpath(
+            result.learner, work, dataset, ts, spec, n_check=1000
+        )
     version = registry.register_model(
         str(home),
         learner_file=model_file,
@@ -74,6 +88,7 @@ def register_tiny_model(home: Path, work: Path, *, promote: bool = True) -> Tiny
         metrics=metrics,
         inference=training.inference_spec(result.learner),
         report_files={},
+        extra_files=extra,
     )
     if promote:
         registry.promote(str(home), version)

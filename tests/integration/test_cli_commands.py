@@ -65,3 +65,17 @@ def test_retrain_cli_exits_nonzero_on_a_broken_contract(
 def test_retrain_cli_rejects_bad_parameters(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["retrain", "--epochs", "0"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+def test_retrain_cli_passes_the_fast_path_check_size() -> None:
+    from flows.cli import _retrain_params, build_parser
+
+    args = build_parser().parse_args(["retrain", "--fastpath-check-images", "0"])
+    assert _retrain_params(args).fastpath_check_images == 0
+    default = build_parser().parse_args(["retrain"])
+    assert _retrain_params(default).fastpath_check_images == 1000
+
+
+def test_retrain_cli_rejects_a_negative_fast_path_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["retrain", "--fastpath-check-images", "-1"]) == 2
+    assert "fastpath_check_images" in capsys.readouterr().err

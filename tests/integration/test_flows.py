@@ -42,6 +42,19 @@ def _artifact_keys(flow_run_id) -> set[str]:
     return {a.key for a in arts if a.key}
 
 
+def _child_runs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+    return [r.name for r in runs]
+
+
 def _artifact(flow_run_id, key: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -86,7 +99,12 @@ def test_retrain_then_tag_end_to_end(shapes_archive: Path, _isolated_home: Path)
         "threshold-evaluation",
         "model-report",
         "promotion-decision",
+        "fast-path-check",
     } <= keys
+    # The CPU fast path was checked on every validation image and registered with the model.
+    shown = registry.show_version(home, out["version"])
+    assert {"fastpath.json", "model.int8.onnx"} <= {f["name"] for f in shown["files"]}
+    assert shown["metrics"]["fastpath"]["n_check"] == shown["metrics"]["n_valid"]
 
     # A second retrain on identical inputs reuses the finished training and does not beat
     # the champion (same metrics): the gate keeps it.
@@ -112,11 +130,23 @@ def test_retrain_then_tag_end_to_end(shapes_archive: Path, _isolated_home: Path)
     assert set(table.column("model_version").to_pylist()) == {out["version"]}
     manifest = json.loads(Path(summary["manifest"]).read_text())
     assert manifest["tagged"] == 40
+    assert manifest["scorers"] and "checked at export" in manifest["scorers"][0]
     keys = _artifact_keys(tstate.state_details.flow_run_id)
     assert {"tagging-summary", "tagging-progress", "label-rates"} <= keys
 
     rerun = tag_images(tparams, return_state=True).result()
     assert rerun["tagged"] == 0 and rerun["skipped"] == 40
+
+    # Two shards at a time on tag-images' own thread pool: without Dask there is no subflow.
+    par_params = tparams.model_copy(
+        update={"out": str(_isolated_home / "par"), "shard_size": 8, "max_concurrency": 2}
+    )
+    par = tag_images(par_params, return_state=True)
+    assert par.is_completed(), par.message
+    assert par.result()["tagged"] == 40
+    par_uris = pads.dataset(par.result()["output"], format="parquet").to_table()["image_uri"]
+    assert sorted(par_uris.to_pylist()) == sorted(uris)
+    assert _child_runs(par.state_details.flow_run_id) == []
 
 
 def test_contract_failure_stops_before_training(tmp_path: Path, _isolated_home: Path) -> None:

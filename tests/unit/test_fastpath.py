@@ -338,3 +338,117 @@ def test_a_tampered_model_file_is_refused_even_with_a_cached_fast_path(
     with pytest.raises(registry.IntegrityError, match=r"model\.pkl"):
         registry.load_metadata(str(home))
     assert loader.calls == 0
+
+
+# ============================================ export-time fast path, recorded with the model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    root = tmp_path_factory.mktemp("tiny-exported")
+    return register_tiny_model(root / "home", root / "work", with_fastpath=True)
+
+
+def test_the_fast_path_is_checked_on_validation_at_export_and_registered(
+    exported: TinyModel,
+) -> None:
+    from multitag import registry
+    from multitag.training import read_training_table
+
+    registry.verify_version(str(exported.home), exported.version)  # ONNX files are covered
+    meta = registry.load_metadata(str(exported.home), exported.version)
+    assert {"fastpath.json", "model.fp32.onnx", "model.int8.onnx"} <= set(meta.sums)
+    assert meta.fastpath is not None
+    record = fastpath.FastPathRecord.from_json(meta.fastpath)
+    table = read_training_table(exported.home.parent / "work" / "shapes")
+    assert record.n_check == int(table["is_valid"].sum())  # every validation image
+    assert record.extra["check_set"] == "validation"
+    assert record.model_sha256 == meta.sha256
+    for name in ("onnx-fp32", "onnx-int8"):
+        cand = record.candidates[name]
+        assert cand.sha256 == meta.sums[str(cand.file)]
+    assert record.candidates["onnx-fp32"].agreement == 1.0
+    assert exported.metrics["fastpath"]["chosen"] == record.chosen
+
+
+def test_int8_runs_from_the_registry_without_torch_fastai_or_unpickling(
+    exported: TinyModel, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    write_images(src, 12)  # too few for a check at tag time: the export-time record is used
+    params = TagParams(source=str(src), precision="int8", home=str(exported.home),
+                       batch_size=16, decode_workers=1)  # fmt: skip
+    code = (
+        "import sys; from multitag import tagging; from multitag.config import TagParams; "
+        f"t = tagging.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
+        "rows = [r for b in t.tag(sorted(str(p) for p in __import__('pathlib').Path("
+        f"{str(src)!r}).iterdir())) for r in b.rows]; "
+        "print(type(t.scorer).__name__, t.scorer.precision, len(rows), "
+        "'fastai' in sys.modules, 'torch' in sys.modules); print(t.precision_choice)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, choice = out.stdout.splitlines()[:2]
+    assert first.split() == ["OrtScorer", "onnx-int8", "12", "False", "False"]
+    assert "validation images" in choice and "learner not unpickled" in choice
+
+
+def test_auto_follows_the_export_record_and_never_rechecks(
+    exported: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import registry
+
+    src = tmp_path / "src"
+    write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)  # enough for a tag-time check
+    params = TagParams(source=str(src), precision="auto", home=str(exported.home),
+                       batch_size=16, decode_workers=1)  # fmt: skip
+
+    def no_check(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the fast path was checked again at tag time")
+
+    monkeypatch.setattr(fastpath, "build_record", no_check)
+    tagger = tagging.load_tagger(params)
+    record = fastpath.FastPathRecord.from_json(
+        registry.load_metadata(str(exported.home)).fastpath or {}
+    )
+    expected, _ = fastpath.choose_for_run(record, "auto", fastpath.DEFAULT_AGREEMENT_BAR)
+    assert tagger.precision_choice.startswith(expected)
+    assert fastpath.load_record(record.model_sha256) is None  # nothing cached: not needed
+    exact = tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    uris = sorted(str(p) for p in src.iterdir())[:48]
+    agree = fastpath.decision_agreement(_tag(exact, uris), _tag(tagger, uris), tagger.thresholds)
+    assert agree >= 0.97  # a few flips at most on unseen noise images
+
+
+def test_a_tampered_registry_onnx_file_is_refused(exported: TinyModel, tmp_path: Path) -> None:
+    import shutil
+
+    from multitag import registry
+
+    home = tmp_path / "home"
+    shutil.copytree(exported.home, home)
+    onnx = home / "models" / exported.version / "model.int8.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx.write_bytes(bytes(data))
+    params = TagParams(source=str(tmp_path), precision="int8", home=str(home))
+    with pytest.raises(registry.IntegrityError, match=r"model\.int8\.onnx"):
+        tagging.load_tagger(params)
+
+
+def test_choose_for_run_skips_bf16_without_native_support(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cands = {
+        "torch-fp32": fastpath.CandidateResult("torch-fp32", 1.0, 10.0, 0.0, 0),
+        "onnx-fp32": fastpath.CandidateResult("onnx-fp32", 1.0, 20.0, 0.0, 0, "a", "x"),
+        "onnx-int8": fastpath.CandidateResult("onnx-int8", 0.99, 90.0, 0.1, 9, "b", "y"),
+        "torch-bf16": fastpath.CandidateResult("torch-bf16", 0.999, 50.0, 0.01, 1),
+    }
+    record = fastpath.FastPathRecord(SHA, {}, "", 0.995, 8, 100, 4, cands, "torch-bf16", "", 1.0)
+    monkeypatch.setattr(fastpath, "bf16_supported", lambda: True)
+    assert fastpath.choose_for_run(record, "auto", 0.995)[0] == "torch-bf16"
+    monkeypatch.setattr(fastpath, "bf16_supported", lambda: False)
+    name, reason = fastpath.choose_for_run(record, "auto", 0.995)
+    assert name == "onnx-fp32" and "no native bf16" in reason
+    assert fastpath.choose_for_run(record, "int8", 0.995)[0] == "onnx-int8"  # even below the bar

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import sys
 import types
 import uuid
@@ -302,6 +304,38 @@ def test_metadata_load_verifies_but_never_unpickles(home: str, tmp_path: Path, l
     with pytest.raises(IntegrityError, match=r"model\.pkl"):
         registry.unpickle_model(meta)
     assert len(loader.calls) == 1
+
+
+def test_extra_files_are_sealed_and_hashed_when_opened(home: str, tmp_path: Path):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx bytes " + uuid.uuid4().bytes)
+    record = tmp_path / "fastpath.json"
+    record.write_text(json.dumps({"chosen": "onnx-int8"}))
+    version = register(home, tmp_path,
+                       extra_files={"model.int8.onnx": onnx, "fastpath.json": record})  # fmt: skip
+    registry.verify_version(home, version)
+    meta = registry.load_metadata(home, version)
+    assert meta.fastpath == {"chosen": "onnx-int8"}
+    assert meta.sums["model.int8.onnx"] == hashlib.sha256(onnx.read_bytes()).hexdigest()
+    assert registry.verified_file(meta, "model.int8.onnx").read_bytes() == onnx.read_bytes()
+    with pytest.raises(IntegrityError, match=r"no model\.fp32\.onnx"):
+        registry.verified_file(meta, "model.fp32.onnx")
+    # load_metadata does not read the ONNX file; opening it checks it
+    flip_one_byte(vfile(home, version, "model.int8.onnx"))
+    meta = registry.load_metadata(home, version)
+    if home.startswith("memory://"):  # the verified cache copy is used, never the new bytes
+        assert registry.verified_file(meta, "model.int8.onnx").read_bytes() == onnx.read_bytes()
+        shutil.rmtree(Path(os.environ["MULTITAG_CACHE_DIR"]) / "models")
+    with pytest.raises(IntegrityError, match=r"model\.int8\.onnx"):
+        registry.verified_file(meta, "model.int8.onnx")
+
+
+@pytest.mark.parametrize("name", ["model.pkl", "SHA256SUMS", "../x.onnx", "report.md"])
+def test_extra_file_names_that_would_clash_are_refused(tmp_path: Path, name: str):
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    with pytest.raises(RegistryError):
+        register(str(tmp_path / "home"), tmp_path, extra_files={name: f})
 
 
 def test_tampered_thresholds_refused(home: str, tmp_path: Path, loader: FakeLoader):

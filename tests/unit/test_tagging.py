@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from multitag import tagging
+from multitag import registry, tagging
 from multitag.config import TagParams
 from multitag.storage import remove_stale_temp_files
 from multitag.tagging import (
@@ -556,3 +556,28 @@ def test_rows_to_table_nulls_on_error() -> None:
     problems = validate_tags_table(broken)
     assert any(p.startswith("labels_above_threshold_by_score: a.jpg") for p in problems)
     assert any(p.startswith("error_xor_result: b.jpg") for p in problems)
+
+
+def test_prefetch_loads_the_runs_tagger_once_and_defers_failures(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str | None] = []
+    real = tagging.load_tagger
+
+    def counting(params: TagParams, version: str | None = None) -> Tagger:
+        calls.append(version)
+        return real(params, version)
+
+    monkeypatch.setattr(tagging, "load_tagger", counting)
+    tagging._cached_tagger.cache_clear()
+    params = params_for(tiny, tmp_path / "src", tmp_path / "out", precision="fp32")
+    assert tagging.prefetch_tagger(params) == tiny.version
+    first = tagging.tagger_for(params, tiny.version)  # what the shard task calls: cached
+    assert calls == [tiny.version] and first.model_version == tiny.version
+    # No champion: nothing raised and nothing cached; the run reports it itself.
+    empty = params.model_copy(update={"home": str(tmp_path / "empty-home")})
+    assert tagging.prefetch_tagger(empty) is None
+    with pytest.raises(registry.NoChampionError):
+        tagging.resolve_model_version(empty)
+    assert calls == [tiny.version]
+    tagging._cached_tagger.cache_clear()
