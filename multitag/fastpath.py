@@ -15,10 +15,11 @@ Where the check happens:
   candidate is scored against torch fp32 on the validation images (up to
   `RetrainParams.fastpath_check_images`, 1,000 by default: thousands of decisions, enough to
   hold a 0.5% bar). The ONNX files and `fastpath.json` (agreement, flips, max score
-  difference, img/s, sha256 of each file) become files of the registry version, covered by
-  its SHA256SUMS. Tagging reads the record (`choose_for_run`) and checks nothing again; an
-  ONNX pick is loaded from the version itself, so the learner is not unpickled and neither
-  torch nor fastai is imported.
+  difference, img/s, sha256 of each file), plus a `torch.export` program of the fp32 model
+  for the bf16 candidate (`model.pt2`), become files of the registry version, covered by its
+  SHA256SUMS. Tagging reads the record (`choose_for_run`) and checks nothing again; the pick
+  is loaded from the version's own file, so the learner is not unpickled and fastai is not
+  imported (an ONNX pick does not import torch either).
 - For versions registered without one (`select_scorer`): the first time a model file is
   used on a machine, a sample of the images to tag is checked (calibration and check sets
   disjoint) and the record cached under MULTITAG_CACHE_DIR, keyed by the model file's
@@ -56,6 +57,7 @@ FASTPATH_FORMAT = "multitag-fastpath/1"
 RECORD_FILE = "fastpath.json"
 FP32_ONNX = "model.fp32.onnx"
 INT8_ONNX = "model.int8.onnx"
+TORCH_PROGRAM = "model.pt2"  # torch.export of the fp32 model, run under bf16 autocast
 DEFAULT_AGREEMENT_BAR = 0.995
 ONNX_OPSET = 17
 # Sample taken from the images to tag when no record exists: calibration, then check.
@@ -441,11 +443,13 @@ def measure_candidates(
     check: np.ndarray,
     threads: int | None = None,
     batch_size: int = CHECK_BATCH,
+    torch_program: bool = False,
 ) -> tuple[dict[str, CandidateResult], int]:
     """Export and quantise into `folder`, then score every candidate against torch fp32.
 
     `calibration` and `check`: uint8 (N, H, W, 3) model-ready images, disjoint. Returns the
-    results by candidate name and the model's label count.
+    results by candidate name and the model's label count. `torch_program`: also save the
+    bf16 candidate as a `torch.export` program (for the registry: no unpickling to run it).
     """
     from multitag.tagging import TorchScorer
 
@@ -463,9 +467,19 @@ def measure_candidates(
         ORT_INT8: lambda: OrtScorer(folder / INT8_ONNX, mean=mean, std=std,
                                     n_labels=n_labels, threads=threads, name=ORT_INT8),
     }  # fmt: skip
+    files = {ORT_FP32: FP32_ONNX, ORT_INT8: INT8_ONNX}
     if bf16_supported():
         scorers[TORCH_BF16] = lambda: bf16_scorer(model, mean, std, n_labels)
-    files = {ORT_FP32: FP32_ONNX, ORT_INT8: INT8_ONNX}
+        if torch_program:
+            try:
+                export_program(model, folder / TORCH_PROGRAM, img_size)
+            except Exception as exc:  # an architecture torch.export cannot capture
+                log.warning("no torch program for bf16 (%s): a bf16 run will unpickle", exc)
+            else:  # checked as it will run: the saved program, loaded back
+                files[TORCH_BF16] = TORCH_PROGRAM
+                scorers[TORCH_BF16] = lambda: program_bf16_scorer(
+                    folder / TORCH_PROGRAM, mean, std, n_labels
+                )
     for name, make in scorers.items():
         probs, speed = _timed_scores(make(), check, batch_size)
         agree = decision_agreement(ref_probs, probs, thresholds)
@@ -579,6 +593,7 @@ def build_for_registry(
     results, n_labels = measure_candidates(
         model, out_dir, mean=mean, std=std, img_size=img_size, thresholds=thresholds,
         calibration=calibration, check=check, threads=threads, batch_size=batch_size,
+        torch_program=True,
     )  # fmt: skip
     record = _record(
         results, model_sha256=model_sha256, n_labels=n_labels, bar=bar,
@@ -593,7 +608,8 @@ def build_for_registry(
 
 def registry_files(out_dir: Path) -> dict[str, Path]:
     """The files of `build_for_registry` by name, as `registry.register_model(extra_files=)`."""
-    return {name: out_dir / name for name in (RECORD_FILE, FP32_ONNX, INT8_ONNX)}
+    names = (RECORD_FILE, FP32_ONNX, INT8_ONNX, TORCH_PROGRAM)
+    return {name: out_dir / name for name in names if (out_dir / name).is_file()}
 
 
 def choose_for_run(record: FastPathRecord, precision: str, bar: float) -> tuple[str, str]:
@@ -629,14 +645,56 @@ def _n_labels(model: Any, img_size: int) -> int:
     return int(out.shape[-1])
 
 
-def bf16_scorer(model: Any, mean: Sequence[float], std: Sequence[float], n_labels: int) -> Any:
-    """Torch bf16 autocast on a channels_last copy (the fp32 model stays as it was)."""
+def bf16_scorer(
+    model: Any,
+    mean: Sequence[float],
+    std: Sequence[float],
+    n_labels: int,
+    *,
+    captured: bool = False,
+) -> Any:
+    """Torch bf16 autocast on a channels_last copy (the fp32 model stays as it was).
+
+    A `captured` program's module was loaded for this scorer alone: converted in place, since
+    a copy would hold the weights twice (~100 MB for resnet50).
+    """
     import torch
 
     from multitag.tagging import TorchScorer
 
-    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return TorchScorer(fast, mean=mean, std=std, n_labels=n_labels, precision="bf16")
+    fast = (model if captured else copy.deepcopy(model)).to(memory_format=torch.channels_last)
+    return TorchScorer(
+        fast, mean=mean, std=std, n_labels=n_labels, precision="bf16", captured=captured
+    )
+
+
+def export_program(model: Any, path: Path, img_size: int) -> Path:
+    """`torch.export` of the fp32 model in eval mode, any batch size, saved to `path`.
+
+    Why: a bf16 run then needs torch only, not fastai and not the learner's pickle (~3-4 s
+    and ~1 GB per process here); the saved program holds the graph and weights, no code.
+    """
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.export.export(
+            model.eval(),
+            (torch.zeros(2, 3, img_size, img_size),),
+            dynamic_shapes=({0: batch},),
+        )
+    torch.export.save(program, str(path))
+    return path
+
+
+def program_bf16_scorer(
+    path: Path, mean: Sequence[float], std: Sequence[float], n_labels: int
+) -> Any:
+    """The bf16 scorer over a saved program (only ever a sha256-checked registry file)."""
+    import torch
+
+    module = torch.export.load(str(path)).module()
+    return bf16_scorer(module, mean, std, n_labels, captured=True)
 
 
 def make_scorer(

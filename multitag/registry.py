@@ -9,7 +9,8 @@ Layout under `<home>/models/` (home: a local folder, `memory://...`, `s3://bucke
     <version>/inference.json   `training.inference_spec()`: img_size, mean, std, vocab, arch
     <version>/report.md, *.png `reports.build_model_report()` output
     <version>/fastpath.json,   optional: the CPU fast path exported at registration and its
-      model.{fp32,int8}.onnx   agreement with fp32 on the validation set (multitag.fastpath)
+      model.{fp32,int8}.onnx,  agreement with fp32 on the validation set (multitag.fastpath);
+      model.pt2                model.pt2 is the torch.export program a bf16 run uses
     <version>/SHA256SUMS       `<hex>  <name>` per file (sha256sum format), written LAST: its
                                presence is what marks a version complete
     champion.json              {"version", "sha256", "metric", "value", "promoted_at", ...}
@@ -62,7 +63,7 @@ SUMS_FILE = "SHA256SUMS"
 FASTPATH_FILE = "fastpath.json"  # multitag.fastpath's export-time record (optional)
 # Large binaries are hashed when they are opened (`verified_file`), not read into memory by
 # `load_metadata`.
-_LAZY_SUFFIXES = (".onnx",)
+_LAZY_SUFFIXES = (".onnx", ".pt2")
 CHAMPION_FILE = "champion.json"
 DECISIONS_DIR = "_decisions"
 

@@ -366,7 +366,10 @@ class TorchScorer:
         n_labels: int,
         device: str = "cpu",
         precision: str = "fp32",
+        captured: bool = False,
     ) -> None:
+        """`captured`: a `torch.export` program's module, fixed in eval mode when it was
+        exported (it refuses `.eval()`)."""
         import torch
 
         if precision not in ("fp32", "bf16"):
@@ -375,7 +378,7 @@ class TorchScorer:
                 "bf16 (int8 needs a quantised ONNX model)"
             )
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
+        self.model = (model if captured else model.eval()).to(self.device)
         self.precision = precision
         self.n_labels = n_labels
         self._mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device)
@@ -679,16 +682,18 @@ def _allow_pixels(max_pixels: int | None) -> None:
 def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
     """Load a registry model (sha256-verified) and wrap it as a Tagger.
 
-    When the fast path `precision` picks is an ONNX model (recorded with the version at
-    export, or for older versions cached after a check on this machine), the learner is not
-    unpickled and fastai is not imported (seconds per process on a small CPU): the ONNX
-    scorer needs only the version's JSON files. Otherwise the full load.
+    When the fast path `precision` picks has a file of its own (recorded with the version at
+    export: ONNX fp32/int8 or the bf16 torch program; for older versions, an ONNX file cached
+    after a check on this machine), the learner is not unpickled and fastai is not imported
+    (seconds per process on a small CPU). Otherwise the full load.
     """
     from multitag.registry import load_metadata, unpickle_model
 
     meta = load_metadata(params.home, model_version or params.model_version)
     record, why = _export_record(meta, params)
-    fast = _onnx_tagger(meta, params, record) if record else _tagger_from_cached_onnx(meta, params)
+    fast = (
+        _registry_tagger(meta, params, record) if record else _tagger_from_cached_onnx(meta, params)
+    )
     if fast is not None:
         return fast
     loaded = unpickle_model(meta)
@@ -748,15 +753,23 @@ def _choose_recorded(record: Any, params: TagParams) -> tuple[str, str]:
     return name, f"{reason}; checked at export on {record.n_check} {where} images"
 
 
-def _onnx_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None:
-    """A Tagger over the version's own ONNX file when the recorded choice is an ONNX model."""
+def _named(name: str, reason: str) -> str:
+    """`name: reason`, without naming the scorer twice (`fastpath.choose` reasons often start
+    with it)."""
+    return reason if reason.startswith(f"{name}:") else f"{name}: {reason}"
+
+
+def _registry_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None:
+    """A Tagger over the version's own fast-path file (ONNX, or the bf16 torch program) when
+    the recorded choice has one; None when it needs the learner (torch fp32, or a bf16 pick
+    whose architecture could not be exported as a program)."""
     from multitag import fastpath
     from multitag.registry import verified_file
 
     name, reason = _choose_recorded(record, params)
-    if name not in (fastpath.ORT_FP32, fastpath.ORT_INT8):
-        return None
     cand = record.candidates[name]
+    if cand.file is None:
+        return None
     path = verified_file(meta, str(cand.file))  # hashed against SHA256SUMS now
     if cand.sha256 != meta.sums.get(str(cand.file)):
         raise TaggingError(
@@ -764,10 +777,13 @@ def _onnx_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None:
             f"but SHA256SUMS says {meta.sums.get(str(cand.file))}; re-register the model"
         )
     spec = InferenceSpec.from_dict(meta.inference)
-    scorer = fastpath.OrtScorer(
-        path, mean=spec.mean, std=spec.std, n_labels=len(spec.vocab), name=name
-    )
-    return _tagger_over(scorer, meta, params, f"{name}: {reason} (learner not unpickled)")
+    n_labels = len(spec.vocab)
+    if name == fastpath.TORCH_BF16:
+        scorer = fastpath.program_bf16_scorer(path, spec.mean, spec.std, n_labels)
+    else:
+        scorer = fastpath.OrtScorer(path, mean=spec.mean, std=spec.std, n_labels=n_labels,
+                                    name=name)  # fmt: skip
+    return _tagger_over(scorer, meta, params, f"{_named(name, reason)} (learner not unpickled)")
 
 
 def _tagger_over(scorer: Any, meta: Any, params: TagParams, choice: str) -> Tagger:
@@ -796,7 +812,7 @@ def _use_recorded_torch_path(tagger: Tagger, record: Any, params: TagParams) -> 
     if name == fastpath.TORCH_BF16 and isinstance(scorer, TorchScorer):
         spec = tagger.spec
         tagger.scorer = fastpath.bf16_scorer(scorer.model, spec.mean, spec.std, len(spec.vocab))
-    tagger.precision_choice = f"{name}: {reason}"
+    tagger.precision_choice = _named(name, reason)
     logging.getLogger(__name__).info("precision %s -> %s", params.precision,
                                      tagger.precision_choice)  # fmt: skip
 
@@ -832,7 +848,7 @@ def _use_fast_path(tagger: Tagger, loaded: Any, params: TagParams) -> None:
     except fastpath.FastPathError as exc:
         raise TaggingError(str(exc)) from exc
     tagger.scorer = selection.scorer
-    tagger.precision_choice = f"{selection.name}: {selection.reason}"
+    tagger.precision_choice = _named(selection.name, selection.reason)
 
 
 def _tagger_from_cached_onnx(meta: Any, params: TagParams) -> Tagger | None:
@@ -865,7 +881,7 @@ def _tagger_from_cached_onnx(meta: Any, params: TagParams) -> Tagger | None:
         name, record, None, mean=spec.mean, std=spec.std, n_labels=len(spec.vocab)
     )
     return _tagger_over(
-        scorer, meta, params, f"{name}: {reason} (cached fast path; learner not unpickled)"
+        scorer, meta, params, f"{_named(name, reason)} (cached fast path; learner not unpickled)"
     )
 
 

@@ -452,3 +452,38 @@ def test_choose_for_run_skips_bf16_without_native_support(
     name, reason = fastpath.choose_for_run(record, "auto", 0.995)
     assert name == "onnx-fp32" and "no native bf16" in reason
     assert fastpath.choose_for_run(record, "int8", 0.995)[0] == "onnx-int8"  # even below the bar
+
+
+def test_a_bf16_pick_runs_the_registered_torch_program_without_unpickling(
+    exported: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import registry, training
+
+    meta = registry.load_metadata(str(exported.home), exported.version)
+    record = fastpath.FastPathRecord.from_json(meta.fastpath or {})
+    if not fastpath.bf16_supported():
+        pytest.skip("this CPU has no native bf16: no bf16 candidate was recorded")
+    bf16 = record.candidates["torch-bf16"]
+    assert bf16.file == "model.pt2" and bf16.sha256 == meta.sums["model.pt2"]
+    src = tmp_path / "src"
+    write_images(src, 24)
+    params = TagParams(source=str(src), precision="auto", home=str(exported.home),
+                       batch_size=16, decode_workers=1)  # fmt: skip
+    exact = tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    monkeypatch.setattr(fastpath, "choose_for_run", lambda *a: ("torch-bf16", "forced"))
+    monkeypatch.setattr(training, "load_learner_file",
+                        _CountingLoader(training.load_learner_file, refuse=True))  # fmt: skip
+    fast = tagging.load_tagger(params)
+    assert isinstance(fast.scorer, TorchScorer) and fast.scorer.precision == "bf16"
+    assert "learner not unpickled" in fast.precision_choice
+    uris = sorted(str(p) for p in src.iterdir())
+    np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=0.05)
+    # a changed program file is refused before torch.export.load reads it
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(exported.home, home)
+    program = home / "models" / exported.version / "model.pt2"
+    program.write_bytes(program.read_bytes() + b"\0")
+    with pytest.raises(registry.IntegrityError, match=r"model\.pt2"):
+        tagging.load_tagger(params.model_copy(update={"home": str(home)}))
