@@ -207,7 +207,7 @@ def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, roo
                      batch: int, repeats: int) -> dict[str, float]:  # fmt: skip
     """img/s of each scorer on a pre-decoded uint8 batch (no decode, no I/O)."""
     from multitag import fastpath
-    from multitag.tagging import TorchScorer
+    from multitag.tagger import TorchScorer
 
     size, mean, std = spec["img_size"], spec["mean"], spec["std"]
     n_labels = len(spec["vocab"])

@@ -451,7 +451,7 @@ def measure_candidates(
     results by candidate name and the model's label count. `torch_program`: also save the
     bf16 candidate as a `torch.export` program (for the registry: no unpickling to run it).
     """
-    from multitag.tagging import TorchScorer
+    from multitag.tagger import TorchScorer
 
     if len(check) == 0 or len(calibration) == 0:
         raise FastPathError("a fast path needs calibration and check images; got none")
@@ -660,7 +660,7 @@ def bf16_scorer(
     """
     import torch
 
-    from multitag.tagging import TorchScorer
+    from multitag.tagger import TorchScorer
 
     fast = (model if captured else copy.deepcopy(model)).to(memory_format=torch.channels_last)
     return TorchScorer(
@@ -709,7 +709,7 @@ def make_scorer(
     threads: int | None = None,
 ) -> Any:
     """The scorer called `name` (one of the candidates), from the record's verified files."""
-    from multitag.tagging import TorchScorer
+    from multitag.tagger import TorchScorer
 
     if name == TORCH_FP32:
         return TorchScorer(model, mean=mean, std=std, n_labels=n_labels)

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multitag import fastpath, tagging
+from multitag import fastpath
+from multitag import tagger as tg
 from multitag.config import TagParams
-from multitag.tagging import TorchScorer
+from multitag.tagger import TorchScorer
 from tests.tagging_helpers import TinyModel, register_tiny_model, write_images
 
 SIZE = 32
@@ -192,13 +193,13 @@ def test_load_tagger_fp32_stays_torch_eager_and_auto_checks_a_fast_path(
     src = tmp_path / "src"
     write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
     base = {"home": str(tiny.home), "batch_size": 16, "decode_workers": 1}
-    exact = tagging.load_tagger(TagParams(source=str(src), precision="fp32", **base))
+    exact = tg.load_tagger(TagParams(source=str(src), precision="fp32", **base))
     assert type(exact.scorer) is TorchScorer and exact.scorer.precision == "fp32"
-    auto = tagging.load_tagger(TagParams(source=str(src), precision="auto", **base))
+    auto = tg.load_tagger(TagParams(source=str(src), precision="auto", **base))
     record = fastpath.load_record(tiny_sha(tiny))
     assert record is not None  # built from the source's images and cached
     assert auto.precision_choice.startswith(record.chosen)
-    imgs = tagging.sample_images(str(src), auto.decode, 40)
+    imgs = tg.sample_images(str(src), auto.decode, 40)
     assert imgs is not None
     decisions = fastpath.decision_agreement(
         exact.scorer.score_batch(imgs), auto.scorer.score_batch(imgs), auto.thresholds
@@ -240,7 +241,7 @@ class _CountingLoader:
         return self.original(path, cpu)
 
 
-def _tag(tagger: tagging.Tagger, uris: list[str]) -> np.ndarray:
+def _tag(tagger: tg.Tagger, uris: list[str]) -> np.ndarray:
     rows = [row for batch in tagger.tag(uris) for row in batch.rows]
     assert all(r.error is None for r in rows)
     return np.array([[r.scores[v] for v in tagger.vocab] for r in rows])  # type: ignore[index]
@@ -255,15 +256,15 @@ def test_a_passing_cached_onnx_path_tags_without_unpickling_the_learner(
     write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
     params = TagParams(source=str(src), precision="auto", home=str(tiny.home), batch_size=16,
                        decode_workers=1)  # fmt: skip
-    exact = tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
-    tagging.load_tagger(params)  # first use: full load, builds and checks the record
+    exact = tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    tg.load_tagger(params)  # first use: full load, builds and checks the record
     sha = registry.load_metadata(str(tiny.home)).sha256
     record = fastpath.load_record(sha)
     assert record is not None and record.candidates["onnx-fp32"].agreement >= 0.995
     _set_candidate(sha, "onnx-fp32", images_per_s=1e9)  # the fastest, whatever this CPU says
     loader = _CountingLoader(training.load_learner_file, refuse=True)
     monkeypatch.setattr(training, "load_learner_file", loader)
-    fast = tagging.load_tagger(params)
+    fast = tg.load_tagger(params)
     assert loader.calls == 0
     assert isinstance(fast.scorer, fastpath.OrtScorer) and fast.scorer.precision == "onnx-fp32"
     assert "learner not unpickled" in fast.precision_choice
@@ -273,8 +274,8 @@ def test_a_passing_cached_onnx_path_tags_without_unpickling_the_learner(
     np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=1e-4)
     # and a fresh process (as `multitag tag` is) never even imports fastai
     code = (
-        "import sys; from multitag import tagging; from multitag.config import TagParams; "
-        f"t = tagging.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
+        "import sys; from multitag import tagger as tg; from multitag.config import TagParams; "
+        f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
         "print(type(t.scorer).__name__, 'fastai' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -292,22 +293,22 @@ def test_without_a_passing_onnx_record_the_learner_is_loaded(
                        decode_workers=1)  # fmt: skip
     loader = _CountingLoader(training.load_learner_file, refuse=False)
     monkeypatch.setattr(training, "load_learner_file", loader)
-    tagging.load_tagger(params)  # no record yet: full load
+    tg.load_tagger(params)  # no record yet: full load
     assert loader.calls == 1
     sha = registry.load_metadata(str(tiny.home)).sha256
     for name in ("onnx-fp32", "onnx-int8"):  # both ONNX paths below the bar
         _set_candidate(sha, name, agreement=0.9, images_per_s=1e9)
-    tagger = tagging.load_tagger(params)
+    tagger = tg.load_tagger(params)
     assert loader.calls == 2 and not isinstance(tagger.scorer, fastpath.OrtScorer)
     # precision=fp32 never looks at the cache
     _set_candidate(sha, "onnx-fp32", agreement=1.0)
-    tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
     assert loader.calls == 3
     # a cached ONNX file that changed is never loaded: full load (and a rebuilt record)
     onnx = fastpath.record_dir(sha) / fastpath.FP32_ONNX
     onnx.write_bytes(onnx.read_bytes() + b"\0")
     assert fastpath.load_record(sha) is None
-    tagging.load_tagger(params)
+    tg.load_tagger(params)
     assert loader.calls == 4
 
 
@@ -324,7 +325,7 @@ def test_a_tampered_model_file_is_refused_even_with_a_cached_fast_path(
     write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
     params = TagParams(source=str(src), precision="auto", home=str(home), batch_size=16,
                        decode_workers=1)  # fmt: skip
-    tagging.load_tagger(params)
+    tg.load_tagger(params)
     sha = registry.load_metadata(str(home)).sha256
     _set_candidate(sha, "onnx-fp32", images_per_s=1e9)
     model = home / "models" / tiny.version / "model.pkl"
@@ -334,7 +335,7 @@ def test_a_tampered_model_file_is_refused_even_with_a_cached_fast_path(
     loader = _CountingLoader(training.load_learner_file, refuse=True)
     monkeypatch.setattr(training, "load_learner_file", loader)
     with pytest.raises(registry.IntegrityError, match=r"model\.pkl"):
-        tagging.load_tagger(params)
+        tg.load_tagger(params)
     with pytest.raises(registry.IntegrityError, match=r"model\.pkl"):
         registry.load_metadata(str(home))
     assert loader.calls == 0
@@ -379,8 +380,8 @@ def test_int8_runs_from_the_registry_without_torch_fastai_or_unpickling(
     params = TagParams(source=str(src), precision="int8", home=str(exported.home),
                        batch_size=16, decode_workers=1)  # fmt: skip
     code = (
-        "import sys; from multitag import tagging; from multitag.config import TagParams; "
-        f"t = tagging.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
+        "import sys; from multitag import tagger as tg; from multitag.config import TagParams; "
+        f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
         "rows = [r for b in t.tag(sorted(str(p) for p in __import__('pathlib').Path("
         f"{str(src)!r}).iterdir())) for r in b.rows]; "
         "print(type(t.scorer).__name__, t.scorer.precision, len(rows), "
@@ -407,14 +408,14 @@ def test_auto_follows_the_export_record_and_never_rechecks(
         raise AssertionError("the fast path was checked again at tag time")
 
     monkeypatch.setattr(fastpath, "build_record", no_check)
-    tagger = tagging.load_tagger(params)
+    tagger = tg.load_tagger(params)
     record = fastpath.FastPathRecord.from_json(
         registry.load_metadata(str(exported.home)).fastpath or {}
     )
     expected, _ = fastpath.choose_for_run(record, "auto", fastpath.DEFAULT_AGREEMENT_BAR)
     assert tagger.precision_choice.startswith(expected)
     assert fastpath.load_record(record.model_sha256) is None  # nothing cached: not needed
-    exact = tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    exact = tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
     uris = sorted(str(p) for p in src.iterdir())[:48]
     agree = fastpath.decision_agreement(_tag(exact, uris), _tag(tagger, uris), tagger.thresholds)
     assert agree >= 0.97  # a few flips at most on unseen noise images
@@ -433,7 +434,7 @@ def test_a_tampered_registry_onnx_file_is_refused(exported: TinyModel, tmp_path:
     onnx.write_bytes(bytes(data))
     params = TagParams(source=str(tmp_path), precision="int8", home=str(home))
     with pytest.raises(registry.IntegrityError, match=r"model\.int8\.onnx"):
-        tagging.load_tagger(params)
+        tg.load_tagger(params)
 
 
 def test_choose_for_run_skips_bf16_without_native_support(
@@ -469,11 +470,11 @@ def test_a_bf16_pick_runs_the_registered_torch_program_without_unpickling(
     write_images(src, 24)
     params = TagParams(source=str(src), precision="auto", home=str(exported.home),
                        batch_size=16, decode_workers=1)  # fmt: skip
-    exact = tagging.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    exact = tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
     monkeypatch.setattr(fastpath, "choose_for_run", lambda *a: ("torch-bf16", "forced"))
     monkeypatch.setattr(training, "load_learner_file",
                         _CountingLoader(training.load_learner_file, refuse=True))  # fmt: skip
-    fast = tagging.load_tagger(params)
+    fast = tg.load_tagger(params)
     assert isinstance(fast.scorer, TorchScorer) and fast.scorer.precision == "bf16"
     assert "learner not unpickled" in fast.precision_choice
     uris = sorted(str(p) for p in src.iterdir())
@@ -486,4 +487,4 @@ def test_a_bf16_pick_runs_the_registered_torch_program_without_unpickling(
     program = home / "models" / exported.version / "model.pt2"
     program.write_bytes(program.read_bytes() + b"\0")
     with pytest.raises(registry.IntegrityError, match=r"model\.pt2"):
-        tagging.load_tagger(params.model_copy(update={"home": str(home)}))
+        tg.load_tagger(params.model_copy(update={"home": str(home)}))

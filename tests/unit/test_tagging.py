@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from multitag import registry, tagging
+from multitag import tagger as tg
 from multitag.config import TagParams
 from multitag.storage import remove_stale_temp_files
 from multitag.tagging import (
@@ -51,7 +52,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 @pytest.fixture(scope="module")
 def tagger(tiny: TinyModel) -> Tagger:
-    return tagging.load_tagger(
+    return tg.load_tagger(
         TagParams(source="-", home=str(tiny.home), batch_size=8, decode_workers=1)
     )
 
@@ -99,7 +100,7 @@ def test_default_dataset_name() -> None:
 def test_read_many_takes_names_literally_and_reports_missing_files(tmp_path: Path) -> None:
     odd = tmp_path / "img[1]*.jpg"  # glob characters must not be expanded
     odd.write_bytes(b"abc")
-    out = tagging.read_many([str(odd), str(tmp_path / "gone.jpg")])
+    out = tg.read_many([str(odd), str(tmp_path / "gone.jpg")])
     assert out[0] == b"abc"
     assert isinstance(out[1], FileNotFoundError)
 
@@ -111,8 +112,8 @@ def test_inference_spec_from_learner_matches_the_registered_spec(tiny: TinyModel
     from multitag.registry import load_model
 
     loaded = load_model(str(tiny.home))
-    from_json = tagging.InferenceSpec.from_dict(loaded.inference)
-    from_learner = tagging.InferenceSpec.from_learner(loaded.learner)
+    from_json = tg.InferenceSpec.from_dict(loaded.inference)
+    from_learner = tg.InferenceSpec.from_learner(loaded.learner)
     assert from_learner.img_size == from_json.img_size
     assert from_learner.resize_method == from_json.resize_method == "squish"
     assert from_learner.vocab == from_json.vocab
@@ -122,7 +123,7 @@ def test_inference_spec_from_learner_matches_the_registered_spec(tiny: TinyModel
 
 def test_inference_spec_requires_the_resize_method() -> None:
     with pytest.raises(tagging.TaggingError, match="resize_method"):
-        tagging.InferenceSpec.from_dict(
+        tg.InferenceSpec.from_dict(
             {"img_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1], "vocab": ["a"]}
         )
 
@@ -143,7 +144,7 @@ def test_rows_come_back_in_order_with_several_decode_threads(
     tiny: TinyModel, tmp_path: Path
 ) -> None:
     files = [str(f) for f in write_images(tmp_path, 23)]
-    t = tagging.load_tagger(
+    t = tg.load_tagger(
         TagParams(source="-", home=str(tiny.home), batch_size=3, decode_workers=3)
     )
     batches = list(t.tag(files))
@@ -389,7 +390,7 @@ def test_failed_shard_writes_a_failed_manifest_and_rerun_finishes(
 ) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     write_images(src, 30)
-    real = tagging.read_many
+    real = tg.read_many
     calls = {"n": 0}
 
     def flaky(uris):  # type: ignore[no-untyped-def]
@@ -398,14 +399,14 @@ def test_failed_shard_writes_a_failed_manifest_and_rerun_finishes(
             raise ConnectionError("simulated network failure")
         return real(uris)
 
-    monkeypatch.setattr(tagging, "read_many", flaky)
+    monkeypatch.setattr(tg, "read_many", flaky)
     with pytest.raises(ConnectionError):
         tag_source(params_for(tiny, src, out, batch_size=5), tagger=tagger)
     manifest = json.loads(next((out / "src" / "_manifests").glob("*.json")).read_text())
     assert manifest["status"] == "failed" and "simulated" in manifest["error"]
     assert manifest["tagged"] == 10  # the first shard (two batches) was written
 
-    monkeypatch.setattr(tagging, "read_many", real)
+    monkeypatch.setattr(tg, "read_many", real)
     rerun = tag_source(params_for(tiny, src, out), tagger=tagger)
     assert (rerun.tagged, rerun.skipped, rerun.resumed) == (20, 10, 20)
     assert read_tags(rerun.output_uri).num_rows == 30
@@ -562,14 +563,14 @@ def test_prefetch_loads_the_runs_tagger_once_and_defers_failures(
     tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str | None] = []
-    real = tagging.load_tagger
+    real = tg.load_tagger
 
     def counting(params: TagParams, version: str | None = None) -> Tagger:
         calls.append(version)
         return real(params, version)
 
-    monkeypatch.setattr(tagging, "load_tagger", counting)
-    tagging._cached_tagger.cache_clear()
+    monkeypatch.setattr(tg, "load_tagger", counting)
+    tg._cached_tagger.cache_clear()
     params = params_for(tiny, tmp_path / "src", tmp_path / "out", precision="fp32")
     assert tagging.prefetch_tagger(params) == tiny.version
     first = tagging.tagger_for(params, tiny.version)  # what the shard task calls: cached
@@ -580,4 +581,4 @@ def test_prefetch_loads_the_runs_tagger_once_and_defers_failures(
     with pytest.raises(registry.NoChampionError):
         tagging.resolve_model_version(empty)
     assert calls == [tiny.version]
-    tagging._cached_tagger.cache_clear()
+    tg._cached_tagger.cache_clear()
