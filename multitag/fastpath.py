@@ -540,27 +540,21 @@ def build_record(
     For models registered without an export-time record (see `build_for_registry`):
     `calibration` and `check` come from the images the model is about to tag.
     """
-    t_start = time.perf_counter()
     if len(check) == 0 or len(calibration) == 0:
         raise FastPathError("a fast path needs calibration and check images; got none")
     folder = record_dir(model_sha256, root)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        results, n_labels = measure_candidates(
+        record = build_for_registry(
             model, tmp, mean=mean, std=std, img_size=img_size, thresholds=thresholds,
-            calibration=calibration, check=check, threads=threads, batch_size=batch_size,
+            model_sha256=model_sha256, calibration=calibration, check=check, bar=bar,
+            batch_size=batch_size, threads=threads, sets=("images to tag", "images to tag"),
+            torch_program=False,
         )  # fmt: skip
-        record = _record(
-            results, model_sha256=model_sha256, n_labels=n_labels, bar=bar,
-            n_calibration=len(calibration), n_check=len(check), t_start=t_start,
-            extra={"batch_size": batch_size, "check_set": "images to tag"},
-        )  # fmt: skip
-        (tmp / RECORD_FILE).write_text(json.dumps(record.to_json(), indent=2))
         _atomic_publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fast path for model %s: %s", model_sha256[:12], record.reason)
     return record
 
 
@@ -578,6 +572,8 @@ def build_for_registry(
     bar: float = DEFAULT_AGREEMENT_BAR,
     batch_size: int = CHECK_BATCH,
     threads: int | None = None,
+    sets: tuple[str, str] = ("validation", "training"),
+    torch_program: bool = True,
 ) -> FastPathRecord:
     """The export-time fast path: ONNX files and fastpath.json in `out_dir`, for the registry.
 
@@ -586,23 +582,25 @@ def build_for_registry(
     decisions) instead of on a small sample in every tagging run; the record, the ONNX files
     and their sha256 then travel with the model version, and a tagging run that uses an ONNX
     candidate never unpickles the learner. `calibration`: training images; `check`:
-    validation images (uint8, model-ready, disjoint).
+    validation images (uint8, model-ready, disjoint); `sets` names them in the record.
+    `build_record` reuses it for the tag-time check (no torch program: that path has the
+    learner).
     """
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     results, n_labels = measure_candidates(
         model, out_dir, mean=mean, std=std, img_size=img_size, thresholds=thresholds,
         calibration=calibration, check=check, threads=threads, batch_size=batch_size,
-        torch_program=True,
+        torch_program=torch_program,
     )  # fmt: skip
     record = _record(
         results, model_sha256=model_sha256, n_labels=n_labels, bar=bar,
         n_calibration=len(calibration), n_check=len(check), t_start=t_start,
-        extra={"batch_size": batch_size, "check_set": "validation",
-               "calibration_set": "training"},
+        extra={"batch_size": batch_size, "check_set": sets[0], "calibration_set": sets[1]},
     )  # fmt: skip
     (out_dir / RECORD_FILE).write_text(json.dumps(record.to_json(), indent=2))
-    log.info("export-time fast path for model %s: %s", model_sha256[:12], record.reason)
+    log.info("fast path for model %s (checked on %s images): %s", model_sha256[:12], sets[0],
+             record.reason)  # fmt: skip
     return record
 
 
