@@ -222,7 +222,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     server = _start_server_early()
     from flows.tag import prefetch, tag_images
 
-    if server is not None and not (params.dask_address or params.dask_local_workers):
+    if server is not None and not params.on_dask:
         prefetch(params)  # the model loads here while the server boots on the other core
     s = _run_flow("tag", tag_images, params, server)
     if s is None:

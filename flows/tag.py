@@ -16,30 +16,30 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from multitag import tagging
 from multitag.config import TagParams, get_settings
 from tasks.tagging import plan_tagging, resolve_model, tag_shard, write_manifest
 
 
-def task_runner_for(params: TagParams) -> Any:
-    """Threads on one machine by default; Dask when given a scheduler or asked for a cluster."""
-    if params.dask_address or params.dask_local_workers:
-        from prefect_dask import DaskTaskRunner
+def dask_runner_for(params: TagParams) -> Any:
+    """The Dask runner `params` asks for: a scheduler's address, or a local cluster.
 
-        if params.dask_address:
-            return DaskTaskRunner(address=params.dask_address)
-        return DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": params.dask_local_workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "host": "127.0.0.1",
-                "dashboard_address": "127.0.0.1:0",
-            }
-        )
-    return ThreadPoolTaskRunner(max_workers=params.max_concurrency)
+    Without Dask the shards run on `tag-images`' own thread pool (see `_tag_all`).
+    """
+    from prefect_dask import DaskTaskRunner
+
+    if params.dask_address:
+        return DaskTaskRunner(address=params.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": params.dask_local_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:0",
+        }
+    )
 
 
 def _tag_run_name() -> str:
@@ -138,8 +138,8 @@ def tag_images(params: TagParams) -> dict[str, Any]:
     params = params.model_copy(update={"home": get_settings(params.home).home})
     version = resolve_model(params)
     run_id = tagging.new_run_id()
-    if params.dask_address or params.dask_local_workers:
-        runner = task_runner_for(params)
+    if params.on_dask:
+        runner = dask_runner_for(params)
         summary = tag_shards.with_options(task_runner=runner)(params, version, run_id)
     else:
         summary = _tag_all(params, version, run_id, max_in_flight=params.max_concurrency)

@@ -174,6 +174,11 @@ class TagParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @property
+    def on_dask(self) -> bool:
+        """Shards go to Dask (a scheduler, or a local cluster) instead of this process."""
+        return bool(self.dask_address or self.dask_local_workers)
+
     @field_validator("source", "out")
     @classmethod
     def _no_unfilled_template(cls, value: str | None) -> str | None:

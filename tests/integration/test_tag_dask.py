@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
 def test_tag_flow_on_a_local_dask_cluster_tags_each_image_once(tmp_path: Path) -> None:
-    from flows.tag import tag_images, task_runner_for
+    from flows.tag import dask_runner_for, tag_images
 
     tiny = register_tiny_model(tmp_path / "home", tmp_path / "work")
     src = tmp_path / "imgs"
@@ -25,7 +25,7 @@ def test_tag_flow_on_a_local_dask_cluster_tags_each_image_once(tmp_path: Path) -
         shard_size=12,
         dask_local_workers=2,
     )
-    assert type(task_runner_for(params)).__name__ == "DaskTaskRunner"
+    assert params.on_dask and type(dask_runner_for(params)).__name__ == "DaskTaskRunner"
     state = tag_images(params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
