@@ -13,6 +13,11 @@ event workers have drained.
 The command and environment copy `SubprocessASGIServer._run_uvicorn_command` of the pinned
 Prefect (3.9.1); tests/unit/test_ephemeral.py fails if a Prefect upgrade changes them.
 
+Why it dies with this process: Prefect's own temporary server is a plain child process, so a
+CLI killed by SIGKILL (the OOM killer, `kill -9`, a scheduler's hard timeout) leaves it
+running forever, holding a port and ~200 MB. On Linux the early server asks the kernel for
+SIGTERM when its parent dies (PR_SET_PDEATHSIG), so uvicorn shuts down cleanly instead.
+
 Why no heartbeats on it: each flow run's heartbeat thread sleeps in 1 s steps and the engine
 joins it when the run ends (~0.5-1 s per flow run, two per `multitag tag`). Heartbeats let a
 server notice a flow process that died; a temporary server lives and dies with that process.
@@ -21,13 +26,17 @@ server notice a flow process that died; a temporary server lives and dies with t
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,6 +76,34 @@ def uvicorn_command(port: int) -> list[str]:
         "--lifespan",
         "on",
     ]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def parent_death_hook() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when this process dies; None if unusable.
+
+    Only on Linux, and only from the main thread: the kernel ties the signal to the thread
+    that forked, so a child spawned from a worker thread would be stopped when that thread
+    ended. The hook calls a libc function resolved here, before the fork, and exits at once
+    if the parent died between fork and prctl.
+    """
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if not sys.platform.startswith("linux") or not on_main_thread:
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent is already gone: no signal will come
+            os._exit(1)
+
+    return hook
 
 
 def free_port() -> int:
@@ -110,7 +147,9 @@ class EarlyServer:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         try:
-            return subprocess.Popen(uvicorn_command(self.port), env=self.env)
+            return subprocess.Popen(
+                uvicorn_command(self.port), env=self.env, preexec_fn=parent_death_hook()
+            )
         except OSError as e:
             raise EphemeralServerError(
                 f"could not start the temporary Prefect server ({e}); "

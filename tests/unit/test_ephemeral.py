@@ -131,3 +131,57 @@ def test_run_flow_does_not_start_the_flow_when_the_server_failed(
 
     with pytest.raises(EphemeralServerError):
         _run_flow("tag", flow_fn, None, early)
+
+
+_PARENT = """
+import sys, time
+from flows import ephemeral
+ephemeral.uvicorn_command = lambda port: [sys.executable, "-c", "import time; time.sleep(300)"]
+server = ephemeral.EarlyServer(env={}, startup_timeout_s=60)
+print(server.process.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_server_stops_when_the_cli_is_killed_without_cleanup(tmp_path: Any) -> None:
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], cwd=repo, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(repo)}, text=True)  # fmt: skip
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        assert _alive(child)
+        parent.kill()  # SIGKILL: no atexit, no finally, nothing of ours runs
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the temporary server outlived the killed CLI"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_no_parent_death_hook_off_the_main_thread() -> None:
+    import threading
+
+    hooks: list[Any] = []
+    worker = threading.Thread(target=lambda: hooks.append(ephemeral.parent_death_hook()))
+    worker.start()
+    worker.join()
+    assert hooks == [None]  # the kernel would stop the child when this thread ended
+    assert (ephemeral.parent_death_hook() is not None) == sys.platform.startswith("linux")

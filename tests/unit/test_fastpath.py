@@ -75,6 +75,43 @@ def test_onnx_scorer_refuses_a_model_for_another_vocab(tmp_path: Path) -> None:
         scorer.score_batch(images(2))
 
 
+def test_int8_quantises_the_body_and_keeps_the_classifier_head_in_fp32(tmp_path: Path) -> None:
+    import onnx
+
+    net, imgs = tiny_net(), images(32)
+    fp32 = fastpath.export_onnx(net, tmp_path / "m.onnx", SIZE)
+    head = fastpath.head_nodes(fp32)
+    assert len(head) == 1  # the Linear after the last Conv; the Convs are the body
+    int8 = fastpath.quantize_int8(fp32, tmp_path / "q.onnx",
+                                  fastpath.normalise_batch(imgs, MEAN, STD))  # fmt: skip
+    graph = onnx.load(str(int8)).graph
+    made_by = {out: n for n in graph.node for out in n.output}
+    inits = {i.name for i in graph.initializer}
+
+    def weight_source(node: onnx.NodeProto) -> str:
+        w = node.input[1]
+        return "initializer" if w in inits else made_by[w].op_type
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    heads = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(convs) == 2 and len(heads) == 1
+    assert all(weight_source(n) == "DequantizeLinear" for n in convs)  # int8 weights
+    assert weight_source(heads[0]) == "initializer"  # fp32 weights, untouched
+    ref = TorchScorer(net, mean=MEAN, std=STD, n_labels=4).score_batch(imgs)
+    probs = fastpath.OrtScorer(int8, mean=MEAN, std=STD, n_labels=4, threads=1).score_batch(imgs)
+    assert np.max(np.abs(probs - ref)) < 0.05  # quantised, yet close to fp32
+
+
+def test_a_network_without_convolutions_has_no_head_to_exclude(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 16), nn.ReLU(), nn.Linear(16, 4))
+    path = fastpath.export_onnx(mlp.eval(), tmp_path / "mlp.onnx", SIZE)
+    assert fastpath.head_nodes(path) == []
+
+
 def test_decision_agreement_counts_image_label_decisions() -> None:
     ref = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], np.float32)
     same = ref + 0.01  # moves scores, never across a 0.5 threshold

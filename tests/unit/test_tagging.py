@@ -144,9 +144,7 @@ def test_rows_come_back_in_order_with_several_decode_threads(
     tiny: TinyModel, tmp_path: Path
 ) -> None:
     files = [str(f) for f in write_images(tmp_path, 23)]
-    t = tg.load_tagger(
-        TagParams(source="-", home=str(tiny.home), batch_size=3, decode_workers=3)
-    )
+    t = tg.load_tagger(TagParams(source="-", home=str(tiny.home), batch_size=3, decode_workers=3))
     batches = list(t.tag(files))
     assert [len(b.rows) for b in batches] == [3] * 7 + [2]
     assert [r.image_uri for b in batches for r in b.rows] == files
