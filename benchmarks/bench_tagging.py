@@ -19,8 +19,11 @@ At a bucket's scale (`--bulk N`, first architecture only): `multitag tag` on N V
 photos, so the fixed start-up cost (Prefect, imports, model load) is amortised as it is for a
 user tagging a whole bucket; compared with the get_preds rate measured in the same run.
 
-Agreement on a *trained* model: a shapes_cnn trained at 64 px (accuracy_multi > 0.9) tags
-VOC-sized photos; this is where reduced precision could flip decisions.
+Agreement on a *trained* model: a shapes_cnn trained at 64 px tags VOC-sized photos; this is
+where reduced precision could flip decisions. The full run trains it with the demo's recipe
+(4,800 + 1,200 images, 12 epochs: accuracy_multi ~0.998, as users' models are); `--quick`
+trains it partly (2,000 + 1,000 images, 4 epochs: ~0.67, many scores near the thresholds, a
+harsher test of the fast path). `--archs none` measures only that.
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ class Plan:
     n_predict: int
     repeats: int
     agree_epochs: int
+    agree_images: tuple[int, int]  # (train, valid) images of the trained-agreement model
 
 
-FULL = Plan({"voc": 800, "phone": 300}, {"voc": 160, "phone": 96}, 16, 3, 6)
-QUICK = Plan({"voc": 400, "phone": 200}, {"voc": 64, "phone": 64}, 8, 3, 4)
+FULL = Plan({"voc": 800, "phone": 300}, {"voc": 160, "phone": 96}, 16, 3, 12, (4800, 1200))
+QUICK = Plan({"voc": 400, "phone": 200}, {"voc": 64, "phone": 64}, 8, 3, 4, (2000, 1000))
 
 
 # ================================================================================ models
@@ -329,14 +333,18 @@ def bench_trained_agreement(plan: Plan, work: Path, photos: list[Path]) -> dict[
     root = work / "trained"
     shutil.rmtree(root / "home", ignore_errors=True)
     shutil.rmtree(root / "cache", ignore_errors=True)
-    model = register_trained(root / "home", root, arch="shapes_cnn", img_size=64, n_train=2000,
-                             n_valid=1000, epochs=plan.agree_epochs)  # fmt: skip
+    n_train, n_valid = plan.agree_images
+    model = register_trained(
+        root / "home", root, arch="shapes_cnn", img_size=64, n_train=n_train, n_valid=n_valid,
+        epochs=plan.agree_epochs,
+    )  # fmt: skip
     run = run_multitag_tag(root, photos[0].parent, "trained")
     learn = load_learner(model["model_file"])
     probs = get_preds_probs(learn, photos)
     rec = fast_path_record(root)
     return {
         "accuracy_multi": model["accuracy_multi"],
+        "recipe": f"{n_train:,} + {n_valid:,} images, {plan.agree_epochs} epochs",
         "agreement_e2e": agreement(read_labels(run["out"]), probs, photos, model["thresholds"]),
         "record": rec,
         "n_images": len(photos),
@@ -346,7 +354,7 @@ def bench_trained_agreement(plan: Plan, work: Path, photos: list[Path]) -> dict[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images (still 3 runs)")
-    parser.add_argument("--archs", default="resnet18,resnet50")
+    parser.add_argument("--archs", default="resnet18,resnet50", help="'none': agreement only")
     parser.add_argument("--work", type=Path, default=Path("/tmp/multitag-bench"))
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--skip-trained", action="store_true")
@@ -366,12 +374,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     bulk = (
         make_photos(args.work / "photos" / f"voc-{args.bulk}", args.bulk, SIZES["voc"])
-        if args.bulk
+        if args.bulk and args.archs != "none"
         else None
     )
     all_results = [
         bench_arch(a, plan, args.work, photos, bulk if i == 0 else None)
         for i, a in enumerate(args.archs.split(","))
+        if a != "none"
     ]
     trained = None
     if not args.skip_trained:
@@ -409,18 +418,21 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
             "fastai script img/s (e2e)", "e2e / fastai script",
             "decisions = fastai fp32", "tag phase (scoring stage) vs forward ceiling",
             "peak RSS MiB"]  # fmt: skip
-    lines = [f"### {'Quick' if quick else 'Full'} run: {env_line}", "", table(head, rows), ""]
-    lines.append(
-        f"Medians of {plan.repeats} runs after a warm-up. e2e = images / wall seconds of the "
-        "whole `multitag tag` subprocess (Prefect ephemeral server start, listing, decode, "
-        "model, Parquet); tag phase = the manifest's images/s (includes loading the model "
-        "in the first shard task); scoring stage = images / seconds the scorer ran, decoding "
-        "running alongside. get_preds / predict: fastai on "
-        f"the same model.pkl, {plan.n_base} images / {plan.n_predict} images, in-process. "
-        "fastai script: `benchmarks/fastai_baseline.py` as one process on the same folder "
-        "(load_learner, get_preds, thresholds, Parquet), runs alternating with `multitag tag`. "
-        "Agreement of these random-init models is on near-constant scores (see trained below)."
-    )
+    lines = [f"### {'Quick' if quick else 'Full'} run: {env_line}", ""]
+    if rows:
+        lines += [table(head, rows), ""]
+        lines.append(
+            f"Medians of {plan.repeats} runs after a warm-up. e2e = images / wall seconds of "
+            "the whole `multitag tag` subprocess (Prefect ephemeral server start, listing, "
+            "decode, model, Parquet); tag phase = the manifest's images/s (includes loading "
+            "the model in the first shard task); scoring stage = images / seconds the scorer "
+            "ran, decoding running alongside. get_preds / predict: fastai on the same "
+            f"model.pkl, {plan.n_base} images / {plan.n_predict} images, in-process. fastai "
+            "script: `benchmarks/fastai_baseline.py` as one process on the same folder "
+            "(load_learner, get_preds, thresholds, Parquet), runs alternating with `multitag "
+            "tag`. Agreement of these random-init models is on near-constant scores (see "
+            "trained below)."
+        )
     for r in results:
         rec = r["record"]
         if rec:
@@ -437,7 +449,7 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
         cands = ", ".join(f"{k} {v['agreement']:.4%} ({v['n_flips']} flips)"
                           for k, v in rec.get("candidates", {}).items())  # fmt: skip
         lines.append(
-            f"- trained shapes_cnn (64 px, validation accuracy_multi "
+            f"- trained shapes_cnn (64 px, {trained['recipe']}, validation accuracy_multi "
             f"{trained['accuracy_multi']:.3f}): `multitag tag` (auto -> {rec.get('chosen')}) "
             f"decisions equal to fastai fp32 get_preds on {trained['n_images']} VOC-sized "
             f"photos: **{trained['agreement_e2e']:.4%}**; export-time check on "
@@ -467,9 +479,9 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
                      "script runs (whole subprocesses, alternating) on one folder.")  # fmt: skip
     ceil_rows = [[r["arch"], *(f"{v:.1f}" for v in r["ceilings"].values())] for r in results]
     lines += ["", CEILING_SECTION.replace("## ", "#### "), ""]
-    names = list(results[0]["ceilings"]) if results else []
-    lines.append(table(["model (batch 64, img/s)", *names], ceil_rows))
-    lines.append("")
+    if results:
+        names = list(results[0]["ceilings"])
+        lines += [table(["model (batch 64, img/s)", *names], ceil_rows), ""]
     lines.append("Decode + resize to 224 alone, one thread (imaging.decode_image): " + ", ".join(
         f"{s} {v:.1f} img/s" for s, v in decode.items()))  # fmt: skip
     return "\n".join(lines)

@@ -535,6 +535,8 @@ def _registry_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None
     n_labels = len(spec.vocab)
     if name == fastpath.TORCH_BF16:
         scorer = fastpath.program_bf16_scorer(path, spec.mean, spec.std, n_labels)
+    elif name == fastpath.AOTI_BF16:
+        scorer = fastpath.AotiScorer(path, n_labels=n_labels)
     else:
         scorer = fastpath.OrtScorer(path, mean=spec.mean, std=spec.std, n_labels=n_labels,
                                     name=name)  # fmt: skip

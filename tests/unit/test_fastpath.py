@@ -525,3 +525,82 @@ def test_a_bf16_pick_runs_the_registered_torch_program_without_unpickling(
     program.write_bytes(program.read_bytes() + b"\0")
     with pytest.raises(registry.IntegrityError, match=r"model\.pt2"):
         tg.load_tagger(params.model_copy(update={"home": str(home)}))
+
+
+def test_gcc_isa_options_become_linux_cpu_flags() -> None:
+    opts = "-mavx512f -mavx512dq -mavx512vl -mfma -mavx512vnni -mamx-tile -mavx512bf16 -O3"
+    assert fastpath.isa_flags(opts) == [
+        "amx_tile", "avx512_bf16", "avx512_vnni", "avx512dq", "avx512f", "avx512vl", "fma",
+    ]  # fmt: skip
+    assert fastpath.isa_flags("") == []
+
+
+def _compiled_record(requires: list[str], torch_version: str) -> fastpath.FastPathRecord:
+    cands = {
+        "torch-fp32": fastpath.CandidateResult("torch-fp32", 1.0, 10.0, 0.0, 0),
+        "onnx-int8": fastpath.CandidateResult("onnx-int8", 0.999, 90.0, 0.1, 1, "b", "y"),
+        "aoti-bf16": fastpath.CandidateResult("aoti-bf16", 1.0, 300.0, 0.01, 0, "c", "z", requires),
+    }
+    return fastpath.FastPathRecord(SHA, {"torch": torch_version}, "", 0.995, 8, 100, 4, cands,
+                                   "aoti-bf16", "", 1.0)  # fmt: skip
+
+
+def test_a_compiled_candidate_runs_only_on_a_cpu_and_torch_it_was_built_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.setattr(fastpath, "bf16_supported", lambda: True)
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "fma", "amx_tile"})
+    ok = _compiled_record(["avx512f", "fma"], torch.__version__)
+    name, reason = fastpath.choose_for_run(ok, "auto", 0.995)
+    assert name == "aoti-bf16" and "skipped" not in reason
+    # built on a CPU with AMX-BF16, tagging on one without: SIGILL if loaded, so never loaded
+    amx = _compiled_record(["amx_bf16", "avx512f"], torch.__version__)
+    name, reason = fastpath.choose_for_run(amx, "auto", 0.995)
+    assert name == "onnx-int8" and "aoti-bf16 skipped" in reason and "amx_bf16" in reason
+    other_torch = _compiled_record(["avx512f"], "2.0.0")
+    name, reason = fastpath.choose_for_run(other_torch, "auto", 0.995)
+    assert name == "onnx-int8" and "compiled for torch 2.0.0" in reason
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: None)  # not Linux: flags unknown
+    assert fastpath.choose_for_run(ok, "auto", 0.995)[0] == "onnx-int8"
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "fma"})
+    monkeypatch.setattr(fastpath, "bf16_supported", lambda: False)
+    assert fastpath.choose_for_run(ok, "auto", 0.995)[0] == "onnx-int8"
+
+
+def test_a_compiled_bf16_pick_runs_from_the_registry_without_unpickling(
+    exported: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import registry, training
+
+    if not fastpath.bf16_supported():
+        pytest.skip("this CPU has no native bf16: no compiled bf16 candidate was built")
+    meta = registry.load_metadata(str(exported.home), exported.version)
+    record = fastpath.FastPathRecord.from_json(meta.fastpath or {})
+    aoti = record.candidates["aoti-bf16"]  # built at export, checked like the others
+    assert aoti.file == "model.bf16.aoti.pt2" and aoti.sha256 == meta.sums[aoti.file]
+    assert aoti.requires and set(aoti.requires) <= (fastpath.cpu_flags() or set())
+    assert fastpath.unusable_here(record, "aoti-bf16") is None
+    src = tmp_path / "src"
+    write_images(src, 24)
+    params = TagParams(source=str(src), precision="auto", home=str(exported.home),
+                       batch_size=16, decode_workers=2)  # fmt: skip
+    exact = tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    monkeypatch.setattr(fastpath, "choose_for_run", lambda *a: ("aoti-bf16", "forced"))
+    monkeypatch.setattr(training, "load_learner_file",
+                        _CountingLoader(training.load_learner_file, refuse=True))  # fmt: skip
+    fast = tg.load_tagger(params)
+    assert isinstance(fast.scorer, fastpath.AotiScorer)
+    assert "learner not unpickled" in fast.precision_choice
+    uris = sorted(str(p) for p in src.iterdir())
+    np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=0.05)
+    # a changed package (native code) is refused before it is loaded
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(exported.home, home)
+    package = home / "models" / exported.version / "model.bf16.aoti.pt2"
+    package.write_bytes(package.read_bytes() + b"\0")
+    with pytest.raises(registry.IntegrityError, match=r"model\.bf16\.aoti\.pt2"):
+        tg.load_tagger(params.model_copy(update={"home": str(home)}))
