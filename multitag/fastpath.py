@@ -16,10 +16,12 @@ Where the check happens:
   `RetrainParams.fastpath_check_images`, 1,000 by default: thousands of decisions, enough to
   hold a 0.5% bar). The ONNX files and `fastpath.json` (agreement, flips, max score
   difference, img/s, sha256 of each file), plus a `torch.export` program of the fp32 model
-  for the bf16 candidate (`model.pt2`), become files of the registry version, covered by its
-  SHA256SUMS. Tagging reads the record (`choose_for_run`) and checks nothing again; the pick
-  is loaded from the version's own file, so the learner is not unpickled and fastai is not
-  imported (an ONNX pick does not import torch either).
+  for the bf16 candidate (`model.pt2`) and the bf16 model compiled ahead of time with
+  AOTInductor (`aoti-bf16`, `model.bf16.aoti.pt2`, with the CPU flags it needs), become files
+  of the registry version, covered by its SHA256SUMS. Tagging reads the record
+  (`choose_for_run`, which skips what cannot run on this CPU) and checks nothing again; the
+  pick is loaded from the version's own file, so the learner is not unpickled and fastai is
+  not imported (an ONNX pick does not import torch either).
 - For versions registered without one (`select_scorer`): the first time a model file is
   used on a machine, a sample of the images to tag is checked (calibration and check sets
   disjoint) and the record cached under MULTITAG_CACHE_DIR, keyed by the model file's
@@ -782,8 +784,8 @@ def _uint8_bf16_module(model: Any, mean: Sequence[float], std: Sequence[float]) 
             super().__init__()
             split = isinstance(model, nn.Sequential) and len(model) == 2
             body, head = (model[0], model[1]) if split else (model, None)
-            self.body = copy.deepcopy(body).eval().to(torch.bfloat16)
-            self.head = copy.deepcopy(head).eval().float() if head is not None else None
+            self.body = copy.deepcopy(body).eval().cpu().to(torch.bfloat16)
+            self.head = copy.deepcopy(head).eval().cpu().float() if head is not None else None
             self.register_buffer("mean", torch.tensor(list(mean)).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(list(std)).view(1, 3, 1, 1))
 
@@ -841,10 +843,20 @@ class AotiScorer:
     """`Scorer` over an AOTInductor package from `compile_bf16` (a sha256-checked file)."""
 
     def __init__(self, path: Path, *, n_labels: int, name: str = AOTI_BF16) -> None:
-        import torch._inductor
+        """Loads with libtorch's package loader: `torch._inductor.aoti_load_package` wraps the
+        same loader but imports inductor first (1.2 s, ~250 MB here) for nothing at run time."""
+        import torch
 
         self.path = Path(path)
-        self.runner = torch._inductor.aoti_load_package(str(self.path))
+        loader_class = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+        if loader_class is None:  # a torch without the binding: the public way
+            import torch._inductor
+
+            compiled = torch._inductor.aoti_load_package(str(self.path))
+            self._run = lambda x: compiled(x)
+        else:
+            loader = loader_class(str(self.path), "model", False, 1, -1)
+            self._run = lambda x: loader.boxed_run([x])
         self.n_labels = n_labels
         self.precision = name
 
@@ -854,7 +866,7 @@ class AotiScorer:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
         with torch.inference_mode():
-            out = self.runner(torch.from_numpy(np.ascontiguousarray(images)))
+            out = self._run(torch.from_numpy(np.ascontiguousarray(images)))
             logits = out[0] if isinstance(out, list | tuple) else out
             probs = torch.sigmoid(logits.float()).numpy()
         if probs.shape != (images.shape[0], self.n_labels):
