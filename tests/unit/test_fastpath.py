@@ -595,6 +595,17 @@ def test_a_compiled_bf16_pick_runs_from_the_registry_without_unpickling(
     assert "learner not unpickled" in fast.precision_choice
     uris = sorted(str(p) for p in src.iterdir())
     np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=0.05)
+    # driven through its C interface (ctypes: the GIL is released, decoding overlaps), with
+    # exactly the scores of libtorch's own package loader, for any batch size
+    assert isinstance(fast.scorer._runner, fastpath._CRunner)
+    package = exported.home / "models" / exported.version / "model.bf16.aoti.pt2"
+    loader = fastpath._GilHoldingRunner(package)
+    imgs = images(19)
+    import torch
+
+    for batch in (imgs, imgs[:1]):
+        want = torch.sigmoid(loader.run(torch.from_numpy(batch)).float()).numpy()
+        np.testing.assert_array_equal(fast.scorer.score_batch(batch), want)
     # a changed package (native code) is refused before it is loaded
     import shutil
 
