@@ -30,8 +30,13 @@ def _retry_listing(task: Any, run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="plan-tagging", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600,
-      retry_condition_fn=_retry_listing)
+@task(
+    name="plan-tagging",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    timeout_seconds=3600,
+    retry_condition_fn=_retry_listing,
+)
 def plan_tagging(params: TagParams, model_version: str, run_id: str) -> tagging.RunPlan:
     """List the source and claim the images not yet tagged by this model version."""
     plan = tagging.plan_run(params, model_version=model_version, run_id=run_id)

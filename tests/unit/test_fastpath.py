@@ -5,6 +5,7 @@ changed file, and precision=fp32 stays torch eager."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -492,10 +493,48 @@ def test_choose_for_run_skips_bf16_without_native_support(
     assert fastpath.choose_for_run(record, "int8", 0.995)[0] == "onnx-int8"  # even below the bar
 
 
+def _forced_registry_pick(
+    exported: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> tuple[tg.Tagger, TagParams]:
+    """A tagger forced onto the registered candidate `name`, its scores checked against fp32
+    and the learner never unpickled; and the params that built it."""
+    from multitag import training
+
+    src = tmp_path / "src"
+    write_images(src, 24)
+    params = TagParams(source=str(src), precision="auto", home=str(exported.home),
+                       batch_size=16, decode_workers=2)  # fmt: skip
+    exact = tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
+    monkeypatch.setattr(fastpath, "choose_for_run", lambda *a: (name, "forced"))
+    monkeypatch.setattr(training, "load_learner_file",
+                        _CountingLoader(training.load_learner_file, refuse=True))  # fmt: skip
+    fast = tg.load_tagger(params)
+    assert "learner not unpickled" in fast.precision_choice
+    uris = sorted(str(p) for p in src.iterdir())
+    np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=0.05)
+    return fast, params
+
+
+def _a_changed_file_is_refused(
+    exported: TinyModel, tmp_path: Path, params: TagParams, name: str
+) -> None:
+    """The registered file `name`, changed by a byte, is refused before anything reads it."""
+    import shutil
+
+    from multitag import registry
+
+    home = tmp_path / "home"
+    shutil.copytree(exported.home, home)
+    changed = home / "models" / exported.version / name
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    with pytest.raises(registry.IntegrityError, match=re.escape(name)):
+        tg.load_tagger(params.model_copy(update={"home": str(home)}))
+
+
 def test_a_bf16_pick_runs_the_registered_torch_program_without_unpickling(
     exported: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from multitag import registry, training
+    from multitag import registry
 
     meta = registry.load_metadata(str(exported.home), exported.version)
     record = fastpath.FastPathRecord.from_json(meta.fastpath or {})
@@ -503,28 +542,10 @@ def test_a_bf16_pick_runs_the_registered_torch_program_without_unpickling(
         pytest.skip("this CPU has no native bf16: no bf16 candidate was recorded")
     bf16 = record.candidates["torch-bf16"]
     assert bf16.file == "model.pt2" and bf16.sha256 == meta.sums["model.pt2"]
-    src = tmp_path / "src"
-    write_images(src, 24)
-    params = TagParams(source=str(src), precision="auto", home=str(exported.home),
-                       batch_size=16, decode_workers=1)  # fmt: skip
-    exact = tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
-    monkeypatch.setattr(fastpath, "choose_for_run", lambda *a: ("torch-bf16", "forced"))
-    monkeypatch.setattr(training, "load_learner_file",
-                        _CountingLoader(training.load_learner_file, refuse=True))  # fmt: skip
-    fast = tg.load_tagger(params)
+    fast, params = _forced_registry_pick(exported, tmp_path, monkeypatch, "torch-bf16")
     assert isinstance(fast.scorer, TorchScorer) and fast.scorer.precision == "bf16"
-    assert "learner not unpickled" in fast.precision_choice
-    uris = sorted(str(p) for p in src.iterdir())
-    np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=0.05)
     # a changed program file is refused before torch.export.load reads it
-    import shutil
-
-    home = tmp_path / "home"
-    shutil.copytree(exported.home, home)
-    program = home / "models" / exported.version / "model.pt2"
-    program.write_bytes(program.read_bytes() + b"\0")
-    with pytest.raises(registry.IntegrityError, match=r"model\.pt2"):
-        tg.load_tagger(params.model_copy(update={"home": str(home)}))
+    _a_changed_file_is_refused(exported, tmp_path, params, "model.pt2")
 
 
 def test_gcc_isa_options_become_linux_cpu_flags() -> None:
@@ -572,7 +593,9 @@ def test_a_compiled_candidate_runs_only_on_a_cpu_and_torch_it_was_built_for(
 def test_a_compiled_bf16_pick_runs_from_the_registry_without_unpickling(
     exported: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from multitag import registry, training
+    import torch
+
+    from multitag import registry
 
     if not fastpath.bf16_supported():
         pytest.skip("this CPU has no native bf16: no compiled bf16 candidate was built")
@@ -582,36 +605,15 @@ def test_a_compiled_bf16_pick_runs_from_the_registry_without_unpickling(
     assert aoti.file == "model.bf16.aoti.pt2" and aoti.sha256 == meta.sums[aoti.file]
     assert aoti.requires and set(aoti.requires) <= (fastpath.cpu_flags() or set())
     assert fastpath.unusable_here(record, "aoti-bf16") is None
-    src = tmp_path / "src"
-    write_images(src, 24)
-    params = TagParams(source=str(src), precision="auto", home=str(exported.home),
-                       batch_size=16, decode_workers=2)  # fmt: skip
-    exact = tg.load_tagger(params.model_copy(update={"precision": "fp32"}))
-    monkeypatch.setattr(fastpath, "choose_for_run", lambda *a: ("aoti-bf16", "forced"))
-    monkeypatch.setattr(training, "load_learner_file",
-                        _CountingLoader(training.load_learner_file, refuse=True))  # fmt: skip
-    fast = tg.load_tagger(params)
+    fast, params = _forced_registry_pick(exported, tmp_path, monkeypatch, "aoti-bf16")
     assert isinstance(fast.scorer, fastpath.AotiScorer)
-    assert "learner not unpickled" in fast.precision_choice
-    uris = sorted(str(p) for p in src.iterdir())
-    np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=0.05)
     # driven through its C interface (ctypes: the GIL is released, decoding overlaps), with
     # exactly the scores of libtorch's own package loader, for any batch size
     assert isinstance(fast.scorer._runner, fastpath._CRunner)
-    package = exported.home / "models" / exported.version / "model.bf16.aoti.pt2"
-    loader = fastpath._GilHoldingRunner(package)
+    loader = fastpath._GilHoldingRunner(exported.home / "models" / exported.version / aoti.file)
     imgs = images(19)
-    import torch
-
     for batch in (imgs, imgs[:1]):
         want = torch.sigmoid(loader.run(torch.from_numpy(batch)).float()).numpy()
         np.testing.assert_array_equal(fast.scorer.score_batch(batch), want)
     # a changed package (native code) is refused before it is loaded
-    import shutil
-
-    home = tmp_path / "home"
-    shutil.copytree(exported.home, home)
-    package = home / "models" / exported.version / "model.bf16.aoti.pt2"
-    package.write_bytes(package.read_bytes() + b"\0")
-    with pytest.raises(registry.IntegrityError, match=r"model\.bf16\.aoti\.pt2"):
-        tg.load_tagger(params.model_copy(update={"home": str(home)}))
+    _a_changed_file_is_refused(exported, tmp_path, params, aoti.file)
