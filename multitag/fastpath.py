@@ -812,6 +812,16 @@ def compile_bf16(
     compiler; raises whatever inductor raises when there is none.
     """
     import torch
+
+    # Its import warns "No CUDA runtime is found" on a CPU-only machine: noise in every
+    # retrain's log for a compile that never uses CUDA.
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension
+    finally:
+        cpp_log.setLevel(level)
     import torch._inductor
     import torch._inductor.config as inductor_config
     from torch._inductor import cpu_vec_isa
