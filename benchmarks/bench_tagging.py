@@ -225,13 +225,10 @@ def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, roo
         scorers["torch-bf16"] = fastpath.bf16_scorer(learn.model, mean, std, n_labels)
     if record_ is not None:
         d = next(p.parent for p in (root / "home" / "models").glob("*/fastpath.json"))
-        scorers["onnx-fp32"] = fastpath.OrtScorer(d / fastpath.FP32_ONNX, mean=mean, std=std,
-                                                  n_labels=n_labels)  # fmt: skip
-        scorers["onnx-int8"] = fastpath.OrtScorer(d / fastpath.INT8_ONNX, mean=mean, std=std,
-                                                  n_labels=n_labels)  # fmt: skip
-        if (d / fastpath.AOTI_PACKAGE).is_file():
-            scorers["aoti-bf16"] = fastpath.AotiScorer(d / fastpath.AOTI_PACKAGE,
-                                                       n_labels=n_labels)  # fmt: skip
+        for name in (fastpath.ORT_FP32, fastpath.ORT_INT8, fastpath.AOTI_BF16):
+            if (cand := record_["candidates"].get(name)) and cand.get("file"):
+                scorers[name] = fastpath.file_scorer(name, d / cand["file"], mean=mean, std=std,
+                                                     n_labels=n_labels)  # fmt: skip
     out = {}
     for name, scorer in scorers.items():
         rate, _ = median_rate(lambda s=scorer: len(s.score_batch(imgs)), repeats)

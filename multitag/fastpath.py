@@ -487,34 +487,27 @@ def measure_candidates(
     results = {TORCH_FP32: CandidateResult(TORCH_FP32, 1.0, ref_speed, 0.0, 0)}
     export_onnx(model, folder / FP32_ONNX, img_size)
     quantize_int8(folder / FP32_ONNX, folder / INT8_ONNX, normalise_batch(calibration, mean, std))
-    scorers: dict[str, Callable[[], Any]] = {
-        ORT_FP32: lambda: OrtScorer(folder / FP32_ONNX, mean=mean, std=std,
-                                    n_labels=n_labels, threads=threads),
-        ORT_INT8: lambda: OrtScorer(folder / INT8_ONNX, mean=mean, std=std,
-                                    n_labels=n_labels, threads=threads, name=ORT_INT8),
-    }  # fmt: skip
     files = {ORT_FP32: FP32_ONNX, ORT_INT8: INT8_ONNX}
     requires: dict[str, list[str]] = {}
+    scorers: dict[str, Callable[[], Any]] = {}
     if bf16_supported():
         scorers[TORCH_BF16] = lambda: bf16_scorer(model, mean, std, n_labels)
         if torch_program:
-            try:
+            try:  # then checked as it will run: the saved program, loaded back
                 export_program(model, folder / TORCH_PROGRAM, img_size)
+                files[TORCH_BF16] = TORCH_PROGRAM
             except Exception as exc:  # an architecture torch.export cannot capture
                 log.warning("no torch program for bf16 (%s): a bf16 run will unpickle", exc)
-            else:  # checked as it will run: the saved program, loaded back
-                files[TORCH_BF16] = TORCH_PROGRAM
-                scorers[TORCH_BF16] = lambda: program_bf16_scorer(
-                    folder / TORCH_PROGRAM, mean, std, n_labels
-                )
             try:
                 requires[AOTI_BF16] = compile_bf16(model, folder / AOTI_PACKAGE, img_size,
                                                    mean, std)  # fmt: skip
+                files[AOTI_BF16] = AOTI_PACKAGE
             except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...
                 log.warning("no compiled bf16 candidate (%s: %s)", type(exc).__name__, exc)
-            else:
-                files[AOTI_BF16] = AOTI_PACKAGE
-                scorers[AOTI_BF16] = lambda: AotiScorer(folder / AOTI_PACKAGE, n_labels=n_labels)
+    for name, file in files.items():
+        scorers[name] = lambda n=name, f=file: file_scorer(
+            n, folder / f, mean=mean, std=std, n_labels=n_labels, threads=threads
+        )
     for name, make in scorers.items():
         probs, speed = _timed_scores(make(), check, batch_size)
         agree = decision_agreement(ref_probs, probs, thresholds)
@@ -805,11 +798,11 @@ def compile_bf16(
     """AOTInductor package of the bf16 model at `path`; returns the CPU flags it needs.
 
     Why: compiled ahead of time (weights frozen and prepacked, preprocessing and elementwise
-    ops fused) it ran resnet18 at 331 img/s here, against 156 for eager bf16 autocast and 204
-    for int8 ONNX Runtime; compiling takes ~20-60 s, paid once at export, and loading the
-    package takes 0.03 s. The code is built for this CPU's vector ISA, so the flags are
-    recorded and `unusable_here` refuses the package on a CPU without them. Needs a C++
-    compiler; raises whatever inductor raises when there is none.
+    ops fused) it ran resnet18 at 388 img/s here, against 181 for eager bf16 autocast and 212
+    for int8 ONNX Runtime (benchmarks/RESULTS.md, session 3); compiling takes ~15-80 s, paid
+    once at export, and loading the package ~0.02 s. The code is built for this CPU's vector
+    ISA, so the flags are recorded and `unusable_here` refuses the package on a CPU without
+    them. Needs a C++ compiler; raises whatever inductor raises when there is none.
     """
     import torch
 
@@ -977,11 +970,28 @@ def make_scorer(
         return bf16_scorer(model, mean, std, n_labels)
     if record is None or name not in record.candidates or record.candidates[name].file is None:
         raise FastPathError(f"no verified {name} model in the fast-path cache")
-    cand = record.candidates[name]
-    path = record_dir(record.model_sha256, root) / str(cand.file)
+    path = record_dir(record.model_sha256, root) / str(record.candidates[name].file)
+    return file_scorer(name, path, mean=mean, std=std, n_labels=n_labels, threads=threads)
+
+
+def file_scorer(
+    name: str,
+    path: Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    n_labels: int,
+    threads: int | None = None,
+) -> Any:
+    """The scorer for candidate `name` over its model file (one checked against its sha256,
+    or one just written by `measure_candidates`)."""
+    if name == TORCH_BF16:
+        return program_bf16_scorer(path, mean, std, n_labels)
     if name == AOTI_BF16:
         return AotiScorer(path, n_labels=n_labels)
-    return OrtScorer(path, mean=mean, std=std, n_labels=n_labels, threads=threads, name=name)
+    if name in (ORT_FP32, ORT_INT8):
+        return OrtScorer(path, mean=mean, std=std, n_labels=n_labels, threads=threads, name=name)
+    raise FastPathError(f"candidate {name!r} has no model file")
 
 
 @dataclass

@@ -515,9 +515,9 @@ def _named(name: str, reason: str) -> str:
 
 
 def _registry_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None:
-    """A Tagger over the version's own fast-path file (ONNX, or the bf16 torch program) when
-    the recorded choice has one; None when it needs the learner (torch fp32, or a bf16 pick
-    whose architecture could not be exported as a program)."""
+    """A Tagger over the version's own fast-path file (ONNX, the bf16 torch program or the
+    compiled bf16 package) when the recorded choice has one; None when it needs the learner
+    (torch fp32, or a bf16 pick whose architecture could not be exported as a program)."""
     from multitag import fastpath
     from multitag.registry import verified_file
 
@@ -533,13 +533,7 @@ def _registry_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None
         )
     spec = InferenceSpec.from_dict(meta.inference)
     n_labels = len(spec.vocab)
-    if name == fastpath.TORCH_BF16:
-        scorer = fastpath.program_bf16_scorer(path, spec.mean, spec.std, n_labels)
-    elif name == fastpath.AOTI_BF16:
-        scorer = fastpath.AotiScorer(path, n_labels=n_labels)
-    else:
-        scorer = fastpath.OrtScorer(path, mean=spec.mean, std=spec.std, n_labels=n_labels,
-                                    name=name)  # fmt: skip
+    scorer = fastpath.file_scorer(name, path, mean=spec.mean, std=spec.std, n_labels=n_labels)
     return _tagger_over(scorer, meta, params, f"{_named(name, reason)} (learner not unpickled)")
 
 
