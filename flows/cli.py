@@ -357,9 +357,8 @@ def _run_flow(command: str, flow_fn, params, server=None):  # -> flow result, No
     # files are still closed by reference counting and atexit handlers still run.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
-    if server is not None:
-        server.adopt()
-    with no_heartbeats_on_temporary_server():
+    ours = server.adopt() if server is not None else False
+    with no_heartbeats_on_temporary_server(ours):
         state = flow_fn(params, return_state=True)
     if state.is_completed():
         return state.result()

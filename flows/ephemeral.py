@@ -1,22 +1,26 @@
 """Prefect's temporary API server for one CLI process: started early, heartbeats off.
 
 Why start it ourselves: with no PREFECT_API_URL, Prefect starts a temporary server (a uvicorn
-subprocess, ~3.5 s to boot here) only when the first flow needs the API, which is after this
-process has imported `prefect.server` (~1.5 s) just to reach `SubprocessASGIServer`. Spawning
-the same subprocess before those imports lets it boot on the other core meanwhile (measured on
-2 cores: the flow starts ~1.2 s sooner). `EarlyServer.adopt` then installs it as Prefect's own
-singleton `SubprocessASGIServer()` (as `prefect_test_harness` does), the one `get_client`, the
-log worker and the events worker look up, so every call reaches it exactly as before,
-PREFECT_API_URL stays unset, and Prefect's own atexit `stop()` shuts it down after the log and
-event workers have drained.
+subprocess, ~3.5-4 s to boot here) only when the first flow needs the API, after this process
+has imported everything else. Spawning the same subprocess first (before prefect, torch or the
+model are even imported: the decision reads only the environment) lets it boot on the other
+core meanwhile. `EarlyServer.adopt` then makes it this process's PREFECT_API_URL, so Prefect
+talks to it as to any configured server; importing `prefect.server.api.server` to install it
+as Prefect's own `SubprocessASGIServer` instead cost ~2.3 s of CPU in this process, on the
+cores the server boots on (measured on 2 cores, with the compiled model that loads without
+torch: 2.7 s less CPU and 0.7 s less wall per `multitag tag`).
 
-The command and environment copy `SubprocessASGIServer._run_uvicorn_command` of the pinned
-Prefect (3.9.1); tests/unit/test_ephemeral.py fails if a Prefect upgrade changes them.
+The command copies `SubprocessASGIServer._run_uvicorn_command` of the pinned Prefect (3.9.1);
+tests/unit/test_ephemeral.py fails if a Prefect upgrade changes it, and checks that the
+server, which reads Prefect's settings from the same environment and profile files, ends up
+with what Prefect would have passed it.
 
 Why it dies with this process: Prefect's own temporary server is a plain child process, so a
 CLI killed by SIGKILL (the OOM killer, `kill -9`, a scheduler's hard timeout) leaves it
 running forever, holding a port and ~200 MB. On Linux the early server asks the kernel for
-SIGTERM when its parent dies (PR_SET_PDEATHSIG), so uvicorn shuts down cleanly instead.
+SIGTERM when its parent dies (PR_SET_PDEATHSIG), so uvicorn shuts down cleanly instead. On a
+normal exit it is stopped by an atexit handler, which runs after Prefect's log and event
+workers have drained (those are stopped at thread shutdown, before atexit handlers).
 
 Why no heartbeats on it: each flow run's heartbeat thread sleeps in 1 s steps and the engine
 joins it when the run ends (~0.5-1 s per flow run, two per `multitag tag`). Heartbeats let a
@@ -28,6 +32,8 @@ from __future__ import annotations
 import atexit
 import ctypes
 import ctypes.util
+import importlib.util
+import logging
 import os
 import random
 import signal
@@ -38,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 # Environment Prefect gives its temporary server (no UI, ephemeral services only).
@@ -56,15 +63,20 @@ class EphemeralServerError(RuntimeError):
 
 
 def uvicorn_command(port: int) -> list[str]:
-    """The exact command Prefect runs for its temporary server on `port`."""
-    import prefect
+    """The exact command Prefect runs for its temporary server on `port`.
 
+    Prefect's `--app-dir` is `prefect.__module_path__.parent`; it is found here without
+    importing prefect (~0.8 s that would delay the spawn).
+    """
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or spec.origin is None:
+        raise EphemeralServerError("prefect is not installed in this environment")
     return [
         sys.executable,
         "-m",
         "uvicorn",
         "--app-dir",
-        str(prefect.__module_path__.parent),
+        str(Path(spec.origin).parent.parent),
         "--factory",
         "prefect.server.api.server:create_app",
         "--host",
@@ -133,7 +145,8 @@ def _already_running() -> bool:
 class EarlyServer:
     """A temporary Prefect server spawned by this process and not yet handed to Prefect."""
 
-    def __init__(self, env: dict[str, str], startup_timeout_s: float) -> None:
+    def __init__(self, env: dict[str, str], startup_timeout_s: float | None = None) -> None:
+        """`startup_timeout_s` None: Prefect's setting, read when `adopt()` waits."""
         self.env = env
         self.startup_timeout_s = startup_timeout_s
         self.port = free_port()
@@ -157,9 +170,11 @@ class EarlyServer:
             ) from e
 
     def stop(self) -> None:
-        """Until adopted the server is ours to stop, e.g. when the CLI fails before its flow."""
-        if self.adopted or self.process.poll() is not None:
+        """Stop the server (atexit: after Prefect's log and event workers have drained)."""
+        if self.process.poll() is not None:
             return
+        if self.adopted:
+            logging.getLogger("prefect").info(f"Stopping temporary server on {self.address}")
         self.process.terminate()
         try:
             self.process.wait(timeout=5)
@@ -167,15 +182,36 @@ class EarlyServer:
             self.process.kill()
             self.process.wait()
 
-    def adopt(self) -> None:
-        """Wait until the server answers, then make it Prefect's temporary server."""
-        from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-        server = SubprocessASGIServer()
-        if server.running:
+    def adopt(self) -> bool:
+        """Wait until the server answers, then point this process's Prefect at it.
+
+        It becomes PREFECT_API_URL for this process (and the processes it starts, e.g. Dask
+        workers), so the client, the log worker and the events worker use it as they would a
+        configured server. Why not install it as Prefect's own `SubprocessASGIServer`: every
+        one of those looks that class up in `prefect.server.api.server`, and importing that
+        module costs ~2.3 s of CPU, on the cores the server is booting on.
+
+        False (and the server stopped) when Prefect's settings, now read in full, configure a
+        server or turn ephemeral mode off: a profile or prefect.toml that `start_early` could
+        not see without importing prefect.
+        """
+        from prefect.context import refresh_global_settings_context
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        if settings.api.url or not settings.server.ephemeral.enabled:
+            self.stop()
+            return False
+        if self.startup_timeout_s is None:
+            self.startup_timeout_s = float(settings.server.ephemeral.startup_timeout_seconds)
+        if _already_running():
             self.stop()
             raise EphemeralServerError(
-                f"Prefect already runs a temporary server on {server.address} in this process; "
+                "Prefect already runs a temporary server in this process; "
                 "the one started early for this command was stopped"
             )
         try:
@@ -183,22 +219,21 @@ class EarlyServer:
         except BaseException:
             self.stop()
             raise
-        subprocess_server_logger.info(
-            f"Using temporary server on http://127.0.0.1:{self.port}, started while multitag "
+        logging.getLogger("prefect").info(
+            f"Using temporary server on {self.address}, started while multitag "
             "loaded\nSee https://www.prefect.io/docs/v3/concepts/server#how-to-guides "
             "for more information on running a dedicated Prefect server."
         )
-        server.port = self.port
-        server.server_process = self.process
-        server.running = True
+        os.environ["PREFECT_API_URL"] = self.api_url
+        refresh_global_settings_context()
         self.adopted = True
-        atexit.unregister(self.stop)
-        atexit.register(server.stop)
+        return True
 
     def _wait_until_healthy(self) -> None:
         import httpx
 
-        deadline = time.monotonic() + self.startup_timeout_s
+        timeout_s = self.startup_timeout_s or 0.0
+        deadline = time.monotonic() + timeout_s
         respawns = 0
         with httpx.Client(timeout=5.0) as client:
             while True:
@@ -222,7 +257,7 @@ class EarlyServer:
                 if time.monotonic() >= deadline:
                     raise EphemeralServerError(
                         f"the temporary Prefect server on port {self.port} did not answer within "
-                        f"{self.startup_timeout_s:g} s; raise "
+                        f"{timeout_s:g} s; raise "
                         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow or busy "
                         "machine, or set PREFECT_API_URL to a running server"
                     )
@@ -230,49 +265,60 @@ class EarlyServer:
 
 
 def start_early() -> EarlyServer | None:
-    """Spawn the temporary server now if this process's first flow would start one anyway.
+    """Spawn the temporary server now if this process's first flow may start one.
 
-    Call it as soon as the CLI's environment is final (settings are read here) and before the
-    heavy imports; call `adopt()` on the result before the first flow. None: a server is
-    configured (PREFECT_API_URL), ephemeral mode is off, or this process already has one.
+    Call it as soon as the CLI's environment is final and before the heavy imports; call
+    `adopt()` on the result before the first flow. Decided from the environment alone: reading
+    Prefect's settings means importing prefect (~0.8 s here), which would delay the server's
+    boot by as much. None: PREFECT_API_URL is set, ephemeral mode is turned off in the
+    environment, or this process already has a temporary server. A server or ephemeral mode
+    configured only in a profile or prefect.toml is seen by `adopt()`, which then stops the
+    server unused.
     """
-    from prefect.settings import get_current_settings
-
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled or _already_running():
+    if os.environ.get("PREFECT_API_URL") or _ephemeral_off_in_environment() or _already_running():
         return None
-    startup_timeout_s = float(settings.server.ephemeral.startup_timeout_seconds)
-    return EarlyServer(server_environment(settings), startup_timeout_s)
+    return EarlyServer(child_environment())
 
 
-def server_environment(settings: Any) -> dict[str, str]:
-    """The environment Prefect gives its temporary server: ours, its flags, these settings."""
-    return {
-        **os.environ,
-        **SERVER_ENV,
-        **settings.to_environment_variables(exclude_unset=True),
-    }
+_EPHEMERAL_SWITCHES = ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")
+_FALSE = {"0", "false", "f", "no", "n", "off"}  # what pydantic reads as False
 
 
-def _heartbeats_are_useless(settings: Any) -> bool:
+def _ephemeral_off_in_environment() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in _FALSE for k in _EPHEMERAL_SWITCHES)
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment plus Prefect's temporary-server flags.
+
+    Prefect also copies its resolved settings into the server's environment
+    (`settings.to_environment_variables(exclude_unset=True)`) so that settings changed inside
+    the parent process reach the server. The CLI changes none before the spawn, and the child
+    resolves the same settings itself from the same environment, profile files and working
+    directory (tests/unit/test_ephemeral.py checks it), so nothing is lost by not importing
+    prefect here.
+    """
+    return {**os.environ, **SERVER_ENV}
+
+
+def _heartbeats_are_useless(settings: Any, ours: bool) -> bool:
     """Temporary server, and the user did not ask for a heartbeat frequency."""
-    return (
-        not settings.api.url
-        and settings.server.ephemeral.enabled
-        and "heartbeat_frequency" not in settings.flows.model_fields_set
-    )
+    temporary = ours or (not settings.api.url and settings.server.ephemeral.enabled)
+    return temporary and "heartbeat_frequency" not in settings.flows.model_fields_set
 
 
 @contextmanager
-def no_heartbeats_on_temporary_server() -> Iterator[bool]:
+def no_heartbeats_on_temporary_server(ours: bool = False) -> Iterator[bool]:
     """Run flows without heartbeat threads when their server ends with this process.
 
-    Yields whether heartbeats were turned off. An explicit PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-    or a configured PREFECT_API_URL (a server that outlives the run) keeps them.
+    `ours`: the API is this process's adopted early server (PREFECT_API_URL then points at it,
+    so the settings alone cannot tell it from a server that outlives the run). Yields whether
+    heartbeats were turned off. An explicit PREFECT_FLOWS_HEARTBEAT_FREQUENCY or a configured
+    PREFECT_API_URL (a server that outlives the run) keeps them.
     """
     from prefect.settings import get_current_settings, temporary_settings
 
-    if not _heartbeats_are_useless(get_current_settings()):
+    if not _heartbeats_are_useless(get_current_settings(), ours):
         yield False
         return
     with temporary_settings(updates={"flows.heartbeat_frequency": None}):

@@ -218,7 +218,7 @@ class TagParams(BaseModel):
         le=64,
         description="Threads reading and "
         "decoding the next batches while the model runs; None: "
-        "CPUs - 1, at least 1, at most 8.",
+        "CPUs - 1, at least 2, at most 8.",
     )
     max_pixels: int | None = Field(
         89_478_485,

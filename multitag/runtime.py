@@ -18,8 +18,9 @@ def configure_cpu_runtime(threads: int | None = None) -> int:
     """Apply CPU thread settings; returns the intra-op thread count torch will use.
 
     Env defaults only take effect if torch has not been imported yet, so call this first.
-    torch is not imported here: a tagging run on an ONNX model never needs it (~2 s and
-    ~300 MiB per process); OMP_NUM_THREADS carries the count to torch if it is imported later.
+    torch is not imported here: a tagging run on an ONNX or compiled model never needs it
+    (~2 s and ~300 MiB per process); OMP_NUM_THREADS carries the count to torch if it is
+    imported later, and to the OpenMP of a compiled model loaded without torch.
     """
     for key, value in _CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)

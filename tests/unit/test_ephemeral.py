@@ -44,16 +44,123 @@ def test_command_and_environment_are_prefects_own(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
     SubprocessASGIServer(port=8123)._run_uvicorn_command()
     assert seen["args"] == ephemeral.uvicorn_command(8123)
-    assert seen["env"] == ephemeral.server_environment(get_current_settings())
+    settings_env = get_current_settings().to_environment_variables(exclude_unset=True)
+    assert seen["env"] == {**ephemeral.child_environment(), **settings_env}
     assert SubprocessASGIServer._port_range == ephemeral.PORTS
 
 
+_RESOLVE = """
+import json, os
+from prefect.settings import Settings
+first = Settings()
+os.environ.update(first.to_environment_variables(exclude_unset=True))
+again = Settings()
+print(json.dumps([first.model_dump(mode="json") == again.model_dump(mode="json"),
+                  first.server.database.timeout, first.server.ephemeral.enabled]))
+"""
+
+
+def test_the_server_resolves_the_settings_prefect_would_have_passed_it(tmp_path: Any) -> None:
+    """`child_environment` leaves out Prefect's copy of its settings: the server reads the
+    same profile itself, and gets exactly what the copy would have given it."""
+    import json
+    import os
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "mine"\n[profiles.mine]\nPREFECT_API_DATABASE_TIMEOUT = "17.5"\n'
+        'PREFECT_SERVER_ALLOW_EPHEMERAL_MODE = "true"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(home)
+    env.update({k: v for k, v in ephemeral.SERVER_ENV.items()})
+    out = subprocess.run([sys.executable, "-c", _RESOLVE], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == [True, 17.5, True]
+
+
+def test_the_early_server_is_spawned_before_prefect_is_imported() -> None:
+    code = (
+        "import sys; from flows import ephemeral; "
+        "ephemeral.uvicorn_command = lambda port: [sys.executable, '-c', 'pass']; "
+        "s = ephemeral.start_early(); s.process.wait(); "
+        "print(s is not None, 'prefect' in sys.modules)"
+    )
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False"]
+
+
 @pytest.mark.usefixtures("no_temporary_server")
-def test_no_early_server_when_a_server_is_configured_or_ephemeral_mode_is_off() -> None:
-    with temporary_settings(updates={"api.url": "http://127.0.0.1:9/api"}):
-        assert ephemeral.start_early() is None
-    with temporary_settings(updates={"server.ephemeral.enabled": False}):
-        assert ephemeral.start_early() is None
+def test_no_early_server_when_the_environment_configures_a_server_or_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert ephemeral.start_early() is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    for switch in ("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "PREFECT_SERVER_EPHEMERAL_ENABLED"):
+        with monkeypatch.context() as m:
+            m.setenv(switch, "False")
+            assert ephemeral.start_early() is None
+
+
+@pytest.mark.usefixtures("no_temporary_server")
+def test_a_server_configured_only_in_the_settings_stops_the_early_one_unused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    early = _fake_server(monkeypatch, "import time; time.sleep(60)")
+    for updates in ({"api.url": "http://127.0.0.1:9/api"}, {"server.ephemeral.enabled": False}):
+        with temporary_settings(updates=updates):
+            assert early.adopt() is False
+        assert early.process.wait(timeout=10) is not None and not early.adopted
+        early = _fake_server(monkeypatch, "import time; time.sleep(60)")
+    early.stop()
+
+
+_HEALTHY = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404); self.end_headers()
+        self.wfile.write(b"true")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.usefixtures("no_temporary_server")
+def test_an_adopted_server_is_this_process_api_and_stops_at_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import prefect.context
+
+    # adopt() replaces the process's settings; put back the test session's afterwards
+    monkeypatch.setattr(prefect.context, "GLOBAL_SETTINGS_CONTEXT",
+                        prefect.context.GLOBAL_SETTINGS_CONTEXT)  # fmt: skip
+    monkeypatch.setenv("PREFECT_API_URL", "")  # recorded, so teardown removes adopt()'s value
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setattr(ephemeral, "uvicorn_command",
+                        lambda port: [sys.executable, "-c", _HEALTHY, str(port)])  # fmt: skip
+    early = EarlyServer(env=dict(__import__("os").environ), startup_timeout_s=30)
+    try:
+        assert early.adopt() is True
+        assert __import__("os").environ["PREFECT_API_URL"] == early.api_url
+        # every thread sees it: the process-global settings, not a context variable
+        assert prefect.context.GLOBAL_SETTINGS_CONTEXT.settings.api.url == early.api_url
+        with temporary_settings(updates={"api.url": early.api_url}):
+            with ephemeral.no_heartbeats_on_temporary_server(ours=True) as off:
+                assert off  # ours, although an API URL is set
+            with ephemeral.no_heartbeats_on_temporary_server() as off:
+                assert not off  # a configured server that outlives the run keeps them
+        assert early.process.poll() is None  # running until this process exits
+    finally:
+        early.stop()
+    assert early.process.poll() is not None
 
 
 @pytest.mark.usefixtures("no_temporary_server")

@@ -617,12 +617,30 @@ def test_a_compiled_bf16_pick_runs_from_the_registry_without_unpickling(
     fast, params = _forced_registry_pick(exported, tmp_path, monkeypatch, "aoti-bf16")
     assert isinstance(fast.scorer, fastpath.AotiScorer)
     # driven through its C interface (ctypes: the GIL is released, decoding overlaps), with
-    # exactly the scores of libtorch's own package loader, for any batch size
+    # exactly the logits of libtorch's own package loader, for any batch size
     assert isinstance(fast.scorer._runner, fastpath._CRunner)
     loader = fastpath._GilHoldingRunner(exported.home / "models" / exported.version / aoti.file)
     imgs = images(19)
     for batch in (imgs, imgs[:1]):
-        want = torch.sigmoid(loader.run(torch.from_numpy(batch)).float()).numpy()
-        np.testing.assert_array_equal(fast.scorer.score_batch(batch), want)
+        logits = loader.run(batch)
+        np.testing.assert_array_equal(fast.scorer._runner.run(batch), logits)
+        np.testing.assert_array_equal(fast.scorer.score_batch(batch), fastpath.sigmoid(logits))
+        want = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        np.testing.assert_allclose(fast.scorer.score_batch(batch), want, rtol=0, atol=1e-6)
+    # a fresh process tags with it without importing torch's Python package (~1.7 s)
+    src = tmp_path / "src"
+    code = (
+        "import sys; from multitag import tagger as tg, fastpath; "
+        "from multitag.config import TagParams; "
+        "fastpath.choose_for_run = lambda *a: ('aoti-bf16', 'forced'); "
+        f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
+        "rows = [r for b in t.tag(sorted(str(p) for p in __import__('pathlib').Path("
+        f"{str(src)!r}).iterdir())) for r in b.rows]; "
+        "print(type(t.scorer._runner).__name__, len(rows), sum(r.error is None for r in rows), "
+        "'torch' in sys.modules, 'fastai' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["_CRunner", "24", "24", "False", "False"]
     # a changed package (native code) is refused before it is loaded
     _a_changed_file_is_refused(exported, tmp_path, params, aoti.file)
