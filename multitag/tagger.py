@@ -343,6 +343,13 @@ class Tagger:
             if on_batch is not None:
                 on_batch(len(rows))
 
+    def tag_batch(self, uris: Sequence[str]) -> list[TagRow]:
+        """Rows for `uris`, read, decoded and scored in the calling thread (no prefetch).
+
+        For work that must be stoppable between small batches (`multitag.headstart`).
+        """
+        return self._score(self._prepare(list(uris)))
+
     def _prepared_batches(self, uris: Sequence[str]) -> Iterator[_Prepared]:
         """Prepare up to `decode_workers` batches ahead of the one being scored.
 

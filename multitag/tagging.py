@@ -276,7 +276,7 @@ def resolve_model_version(params: TagParams) -> str:
     return str(champion["version"])
 
 
-def prefetch_tagger(params: TagParams) -> str | None:
+def prefetch_tagger(params: TagParams, *, head_start: bool = False) -> str | None:
     """Load the tagger a run of `params` will use into this process's cache (`tagger_for`).
 
     Why: the CLI calls it while Prefect's temporary server boots on the other core, so
@@ -284,14 +284,44 @@ def prefetch_tagger(params: TagParams) -> str | None:
     instead of delaying the first shard. Returns the version loaded, or None when loading
     failed: the run then repeats the same calls inside its tasks, where a failure is reported
     with the task's state and message (so nothing is cached and nothing is hidden).
+
+    `head_start`: also start tagging, in a background thread, the images of a local source
+    that the run's first shard will hold (`multitag.headstart`; its rows are written by that
+    shard). Not for s3:// sources: their listing can be long, and the plan lists them anyway.
     """
     try:
         version = resolve_model_version(params)
-        tagger_for(params, version)
+        tagger = tagger_for(params, version)
     except Exception as exc:  # the flow makes the same calls and reports this failure
         logging.getLogger(__name__).debug("tagger prefetch failed (%s); the run retries it", exc)
         return None
+    if head_start and _is_local(params.source):
+        from multitag import headstart
+
+        headstart.start(tagger, functools.partial(first_shard_uris, params, version))
     return version
+
+
+def _is_local(source: str) -> bool:
+    fs, _ = fs_and_path(source)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols
+
+
+def first_shard_uris(params: TagParams, model_version: str) -> list[str]:
+    """The images `plan_run` would put in this run's first shard, found without claiming.
+
+    (The plan claims first: between this read and the plan another run may claim some of
+    them; their rows are then dropped, see `multitag.headstart`.)
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    _, partition, plans = output_uris(params, model_version)
+    listing = pa.array(list(list_images(params.source)), type=pa.string())
+    claimed = _ClaimLog.read(plans, partition).claimed_uris()
+    new = listing.filter(pc.invert(pc.is_in(listing, value_set=claimed)))
+    return [str(u) for u in new.slice(0, params.shard_size).to_pylist()]
 
 
 def read_baseline(home: str | None, version: str) -> ModelBaseline:
@@ -560,6 +590,7 @@ class ShardResult:
     error_kinds: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     scorer: str = ""  # which scorer tagged it and why (`Tagger.precision_choice`)
+    n_head_start: int = 0  # of n_tagged + n_failed: tagged before the run began (headstart)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -576,29 +607,40 @@ def tag_shard(
 
     Idempotent: a shard whose file exists is skipped without reading an image.
     """
+    from multitag import headstart
+
     t0 = time.perf_counter()
     if tagger.model_version != spec.model_version:
         raise TaggingError(
             f"shard {spec.shard_id} belongs to model {spec.model_version} but the tagger holds "
             f"{tagger.model_version}"
         )
+    ready, head_s = headstart.take(tagger, spec.uris)  # rows tagged while the server booted
     if _fresh_exists(spec.part_uri):
         return ShardResult(spec.shard_id, spec.part_uri, "exists", len(spec.uris))
     rows: list[TagRow] = []
     prepare_s = model_s = 0.0
-    for batch in tagger.tag(spec.uris, on_batch=on_batch):
+    todo = [u for u in spec.uris if u not in ready] if ready else spec.uris
+    if ready and on_batch is not None:
+        on_batch(len(ready))
+    for batch in tagger.tag(todo, on_batch=on_batch):
         rows.extend(batch.rows)
         prepare_s += batch.prepare_s
         model_s += batch.model_s
+    if ready:
+        by_uri = {row.image_uri: row for row in rows} | ready
+        rows = [by_uri[u] for u in spec.uris]
     t_write = time.perf_counter()
     status = _write_shard(spec, rows, run_id)
     t_end = time.perf_counter()
     seconds = {"prepare_s": prepare_s, "model_s": model_s, "write_s": t_end - t_write,
-               "total_s": t_end - t0}  # fmt: skip
+               "total_s": t_end - t0, "head_start_s": head_s}  # fmt: skip
     seconds = {k: round(v, 4) for k, v in seconds.items()}
     if status != "written":
         return ShardResult(spec.shard_id, spec.part_uri, status, len(rows), seconds=seconds)
-    return dataclasses.replace(_count_rows(spec, rows, seconds), scorer=tagger.precision_choice)
+    return dataclasses.replace(
+        _count_rows(spec, rows, seconds), scorer=tagger.precision_choice, n_head_start=len(ready)
+    )
 
 
 def _write_shard(spec: ShardSpec, rows: Sequence[TagRow], run_id: str) -> str:
@@ -834,6 +876,8 @@ def summarize_run(
     total_s = (finished - datetime.fromisoformat(plan.started_at)).total_seconds()
     tag_s = tag_s if tag_s is not None else max(total_s - plan.plan_s, 0.0)
     n_done = tagged + failed
+    # Rows a head start tagged before the run began took time too (while the server booted).
+    busy_s = tag_s + sum(r.seconds.get("head_start_s", 0.0) for r in written)
     return TagSummary(
         run_id=plan.run_id,
         status="failed" if error else "completed",
@@ -849,7 +893,7 @@ def summarize_run(
         resumed=plan.n_resumed,
         shards_written=len(written),
         shards_skipped=len(others),
-        images_per_s=round(n_done / tag_s, 2) if n_done and tag_s > 0 else None,
+        images_per_s=round(n_done / busy_s, 2) if n_done and busy_s > 0 else None,
         started_at=plan.started_at,
         finished_at=finished.isoformat(),
         seconds={
@@ -868,7 +912,7 @@ def summarize_run(
 
 
 def _stage_seconds(results: Iterable[ShardResult]) -> dict[str, float]:
-    keys = ("prepare_s", "model_s", "write_s")
+    keys = ("prepare_s", "model_s", "write_s", "head_start_s")
     return {f"sum_{k}": round(sum(r.seconds.get(k, 0.0) for r in results), 3) for k in keys}
 
 

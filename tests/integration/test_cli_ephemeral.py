@@ -6,6 +6,7 @@ Each test runs the CLI in a fresh process with its own PREFECT_HOME, so the temp
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -56,6 +57,10 @@ def test_tag_runs_on_one_early_server_and_its_records_are_complete(
     tasks = db.execute("select name, state_type from task_run").fetchall()
     assert {state for _, state in tasks} == {"COMPLETED"}, tasks
     assert sum(name.startswith("tag-shard-0") for name, _ in tasks) == 3
+    # What the head start tagged while the server booted was written by the first shard only.
+    manifest = json.loads(next((tmp_path / "out").glob("*/_manifests/*.json")).read_text())
+    head = [shard["n_head_start"] for shard in manifest["shards"]]
+    assert head[1:] == [0, 0] and 0 <= head[0] <= 8 and manifest["tagged"] == 24, head
     artifacts = dict(db.execute("select key, data from artifact").fetchall())
     assert {"tagging-progress", "tagging-summary", "label-rates"} <= set(artifacts)
     assert float(artifacts["tagging-progress"]) == 100.0

@@ -580,3 +580,104 @@ def test_prefetch_loads_the_runs_tagger_once_and_defers_failures(
         tagging.resolve_model_version(empty)
     assert calls == [tiny.version]
     tg._cached_tagger.cache_clear()
+
+
+def _rows_without_time(table: pa.Table) -> list[dict[str, object]]:
+    return sorted(
+        ({k: v for k, v in r.items() if k != "tagged_at"} for r in table.to_pylist()),
+        key=lambda r: str(r["image_uri"]),
+    )
+
+
+def test_a_head_start_tags_the_first_shard_early_and_that_shard_writes_its_rows(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import headstart
+
+    src, out, plain_out = tmp_path / "src", tmp_path / "out", tmp_path / "plain"
+    write_images(src, 25)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # an error row, from either path
+    tg._cached_tagger.cache_clear()
+    params = params_for(tiny, src, out, precision="fp32")
+    assert tagging.prefetch_tagger(params, head_start=True) == tiny.version
+    tagger = tagging.tagger_for(params, tiny.version)
+    head = headstart._started[id(tagger)]
+    head._thread.join(timeout=120)  # let it finish: its 10 images (the first shard's)
+    expected = tagging.first_shard_uris(params, tiny.version)
+    assert expected == sorted(str(p) for p in src.iterdir())[:10] and len(head._rows) == 10
+    # Nothing is written until the run claims the images and its shard writes them.
+    assert not list(out.rglob("*.parquet")) and not list(out.rglob("*.arrow"))
+
+    sharded: list[tuple[int, int]] = []
+    real_tag = Tagger.tag
+
+    def recording_tag(self: Tagger, uris, **kw):  # type: ignore[no-untyped-def]
+        sharded.append((len(uris), len(set(uris) & set(expected))))
+        return real_tag(self, uris, **kw)
+
+    monkeypatch.setattr(Tagger, "tag", recording_tag)
+    summary = tag_source(params, tagger=tagger)
+    assert (summary.tagged + summary.failed, summary.shards_written) == (26, 3)
+    assert sharded[0] == (0, 0)  # the first shard scored nothing itself
+    assert [s["n_head_start"] for s in summary.to_dict()["shards"]] == [10, 0, 0]
+    assert summary.seconds["sum_head_start_s"] > 0 and id(tagger) not in headstart._started
+    # The same rows, each image once, as a run without a head start writes.
+    plain = tag_source(params.model_copy(update={"out": str(plain_out)}), tagger=tagger)
+    assert _rows_without_time(read_tags(summary.output_uri)) == _rows_without_time(
+        read_tags(plain.output_uri)
+    )
+    tg._cached_tagger.cache_clear()
+
+
+def test_a_head_start_skips_claimed_images_and_its_other_rows_are_dropped(
+    tiny: TinyModel, tagger: Tagger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import headstart
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_images(src, 12)
+    params = params_for(tiny, src, out, shard_size=5)
+    plan_run(params)  # an earlier (killed) run claimed all 12 and wrote nothing
+    write_images(src / "new", 3, seed=5)
+    assert tagging.first_shard_uris(params, tiny.version) == sorted(
+        str(p) for p in (src / "new").iterdir()
+    )
+    # Rows of images the shard does not hold are dropped; a failing head start costs nothing.
+    everything = sorted(str(p) for p in src.rglob("*.jpg"))
+    head = headstart.start(tagger, lambda: everything[:7])
+    head._thread.join(timeout=120)
+    spec = plan_run(params).shards[0]  # this run's own shard: the 3 new images
+    ready, seconds = headstart.take(tagger, spec.uris)
+    assert set(ready) == set(spec.uris) & set(everything[:7]) and seconds > 0
+    assert headstart.take(tagger, spec.uris) == ({}, 0.0)  # one shard uses it, once
+
+    def broken() -> list[str]:
+        raise OSError("listing failed")
+
+    headstart.start(tagger, broken)
+    result = tag_shard(spec, tagger)
+    assert (result.status, result.n_images, result.n_head_start) == ("written", 3, 0)
+
+
+def test_a_head_start_stops_between_small_batches_when_its_shard_takes_over(
+    tagger: Tagger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag import headstart
+
+    write_images(tmp_path, 64)
+    uris = sorted(str(p) for p in tmp_path.iterdir())
+    gate = threading.Event()
+    real = Tagger.tag_batch
+
+    def slow(self: Tagger, batch):  # type: ignore[no-untyped-def]
+        gate.wait(timeout=60)  # the shard arrives while the first batch is in progress
+        return real(self, batch)
+
+    monkeypatch.setattr(Tagger, "tag_batch", slow)
+    head = headstart.start(tagger, lambda: uris)
+    timer = threading.Timer(0.2, gate.set)
+    timer.start()
+    ready, _ = headstart.take(tagger, uris)
+    timer.join()
+    assert len(ready) == headstart.BATCH  # the batch in progress, then it stopped
+    assert not head._thread.is_alive()
