@@ -310,6 +310,14 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
     return results
 
 
+def _limit(forward: float, decode: float) -> float:
+    """img/s when decoding and the forward pass share every core, neither waiting."""
+    from multitag.runtime import available_cpus
+
+    cores = available_cpus()
+    return cores / (cores / forward + 1 / decode)
+
+
 def _head_start_images(manifest: dict[str, Any]) -> int:
     return sum(int(s.get("n_head_start", 0)) for s in manifest["shards"])
 
@@ -417,6 +425,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {"results": all_results, "trained": trained, "decode": decode}
 
 
+def _bulk_vs_limits(r: dict, b: dict, decode: dict[str, float]) -> str:
+    chosen = (r["record"] or {}).get("chosen", "torch-fp32")
+    ceiling = r["ceilings"].get(chosen if chosen in r["ceilings"] else "torch-fp32")
+    if not ceiling or "shard_phase" not in b:
+        return "n/a"
+    lim = _limit(ceiling, decode[b.get("size", "voc")])
+    shard = b["shard_phase"]
+    return f"{shard / ceiling:.0%} of {ceiling:.1f}; {shard / lim:.0%} of {lim:.0f}"
+
+
 def report(results: list[dict], trained: dict | None, decode: dict[str, float], plan: Plan,
            env_line: str, quick: bool) -> str:  # fmt: skip
     rows = []
@@ -436,13 +454,16 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
                 f"{s['predict']:.1f}", f"**{ratio:.2f}x** ({verdict}, target {target:.0f}x)",
                 f"{s['script']:.1f}", f"**{s['e2e'] / s['script']:.2f}x**",
                 f"{s['agreement']:.4%}",
-                f"{s['shard_phase'] / ceiling:.0%} ({s['scoring'] / ceiling:.0%}) of {ceiling:.1f}",
+                f"{s['shard_phase'] / ceiling:.0%} ({s['scoring'] / ceiling:.0%}) of "
+                f"{ceiling:.1f}; {s['shard_phase'] / (lim := _limit(ceiling, decode[size])):.0%}"
+                f" of the {lim:.0f} limit",
                 f"{s['rss_mib']}",
             ])  # fmt: skip
     head = ["model", "photos", "n", "fast path (auto)", "multitag tag img/s (e2e)",
             "tag phase img/s", "get_preds img/s", "predict img/s", "e2e / get_preds",
             "fastai script img/s (e2e)", "e2e / fastai script",
-            "decisions = fastai fp32", "shard phase (scoring stage) vs forward ceiling",
+            "decisions = fastai fp32",
+            "shard phase (scoring stage) vs forward ceiling; vs the decode + forward limit",
             "peak RSS MiB"]  # fmt: skip
     lines = [f"### {'Quick' if quick else 'Full'} run: {env_line}", ""]
     if rows:
@@ -454,7 +475,10 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
             "seconds plus the head start's, which tags the first images while the temporary "
             "server boots); shard phase = the images the shard tasks tagged / their seconds; "
             "scoring stage = those images / seconds the scorer ran, decoding running "
-            "alongside. get_preds / predict: fastai on the same "
+            "alongside. The decode + forward limit: the rate at which this machine's cores, "
+            "all busy, decode (one-thread rate below) and run the forward pass (its ceiling, "
+            "all threads): cores / (cores / forward + 1 / decode). get_preds / predict: "
+            "fastai on the same "
             f"model.pkl, {plan.n_base} images / {plan.n_predict} images, in-process. fastai "
             "script: `benchmarks/fastai_baseline.py` as one process on the same folder "
             "(load_learner, get_preds, thresholds, Parquet), runs alternating with `multitag "
@@ -494,7 +518,7 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
                 r["arch"], f"{size} {SIZES[size][0]}x{SIZES[size][1]}", f"{b['n']:,}",
                 f"{b['e2e']:.1f}", f"{b['tag_phase']:.1f}", f"{b['get_preds']:.1f}",
                 f"**{ratio:.2f}x** ({verdict}, target {target:.0f}x)", f"{b['script']:.1f}",
-                f"**{b['e2e'] / b['script']:.2f}x**",
+                f"**{b['e2e'] / b['script']:.2f}x**", _bulk_vs_limits(r, b, decode),
                 ", ".join(str(w) for w in b["walls"]), f"{b['rss_mib']}",
             ])  # fmt: skip
     if bulk_rows:
@@ -502,6 +526,7 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
         lines.append(table(["model", "photos", "n", "multitag tag img/s (e2e)",
                             "tag phase img/s", "get_preds img/s (same run)", "e2e / get_preds",
                             "fastai script img/s (e2e)", "e2e / fastai script",
+                            "shard phase vs forward ceiling; vs decode + forward limit",
                             "wall s per run", "peak RSS MiB"], bulk_rows))  # fmt: skip
         lines.append("")
         lines.append(f"Median of {plan.repeats} `multitag tag` runs and {plan.repeats} fastai "
