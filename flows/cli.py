@@ -344,8 +344,9 @@ def _start_server_early():  # -> flows.ephemeral.EarlyServer | None
 def _run_flow(command: str, flow_fn, params, server=None):  # -> flow result, None if it failed
     """Run a flow to its final state; a failure is reported on stderr, not as a traceback.
 
-    `server`: the temporary Prefect server from `_start_server_early`, handed to Prefect here,
-    before the flow, so the flow finds it instead of starting a second one.
+    `server`: the temporary Prefect server from `_start_server_early`, adopted here (made
+    this process's PREFECT_API_URL) before the flow, so the flow uses it instead of starting
+    a second one.
     """
     import atexit
     import gc

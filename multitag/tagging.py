@@ -8,6 +8,9 @@ The flow (or `tag_source`, the in-process path) calls, in order::
     summary = summarize_run(plan, results)
     write_manifest(summary)
 
+(`multitag tag` may have tagged its first shard's images already, while Prefect's server
+booted: `tag_shard` takes those rows from `multitag.headstart` and writes them with the rest.)
+
 Layout under `out/<dataset>/` (out defaults to MULTITAG_HOME/tags)::
 
     model=<version>/part-<epoch>-<index>.parquet   the tags (data_contracts/tags_output.yaml)
