@@ -8,7 +8,7 @@ reads, decodes and scores the images the run's first shard will hold, in small b
 Why exactly-once still holds: nothing is written here. `tag_shard` takes the rows of its own
 URIs (`take`) and writes them with the rest of its shard, after the run has claimed them; rows
 of images the plan does not give this process (already tagged, claimed by another run) are
-dropped. The rows come from the same `Tagger` the shard would use, so they are the rows it
+never written. The rows come from the same `Tagger` the shard would use, so they are the rows it
 would have computed. A failure here only means the shard tags those images itself.
 """
 
@@ -39,6 +39,7 @@ class HeadStart:
         self.tagger = tagger
         self._uris = uris
         self._rows: dict[str, TagRow] = {}
+        self._given = 0  # rows handed to shards so far
         self._stop = threading.Event()
         self.seconds = 0.0  # spent tagging (listing excluded)
         self._thread = threading.Thread(target=self._run, name="multitag-head-start", daemon=True)
@@ -62,10 +63,18 @@ class HeadStart:
         self._stop.set()
         self._thread.join()
 
-    def take(self, uris: Sequence[str]) -> dict[str, TagRow]:
-        """Stop, then hand over (and forget) the rows of `uris` that are ready."""
+    def take(self, uris: Sequence[str]) -> tuple[dict[str, TagRow], float]:
+        """Stop, then hand over (and forget) the rows of `uris` that are ready, with their
+        share of the seconds spent."""
         self.stop()
-        return {u: self._rows.pop(u) for u in uris if u in self._rows}
+        computed = max(len(self._rows) + self._given, 1)
+        rows = {u: self._rows.pop(u) for u in uris if u in self._rows}
+        self._given += len(rows)
+        return rows, self.seconds * len(rows) / computed
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._rows
 
 
 def start(tagger: Tagger, uris: Callable[[], Sequence[str]]) -> HeadStart:
@@ -82,16 +91,21 @@ def start(tagger: Tagger, uris: Callable[[], Sequence[str]]) -> HeadStart:
 
 
 def take(tagger: Tagger, uris: Sequence[str]) -> tuple[dict[str, TagRow], float]:
-    """The ready rows of `uris` from `tagger`'s head start (stopping it), and its seconds.
+    """The ready rows of `uris` from `tagger`'s head start, and the seconds they took.
 
-    ({}, 0.0) when there is none; a head start is used by one shard only.
+    Stops it first: once a shard runs, it has the cores. ({}, 0.0) when there is none. Rows
+    of other URIs stay for the shard that holds them (shards may start in any order with
+    `max_concurrency` > 1); at most one shard's worth, until this process ends.
     """
     with _lock:
-        head = _started.pop(id(tagger), None)
+        head = _started.get(id(tagger))
     if head is None:
         return {}, 0.0
-    rows = head.take(uris)
-    return rows, head.seconds
+    rows, seconds = head.take(uris)
+    with _lock:
+        if head.exhausted and _started.get(id(tagger)) is head:
+            del _started[id(tagger)]
+    return rows, seconds
 
 
 def stop_all() -> None:

@@ -629,7 +629,7 @@ def test_a_head_start_tags_the_first_shard_early_and_that_shard_writes_its_rows(
     tg._cached_tagger.cache_clear()
 
 
-def test_a_head_start_skips_claimed_images_and_its_other_rows_are_dropped(
+def test_a_head_start_skips_claimed_images_and_hands_each_row_to_its_shard_once(
     tiny: TinyModel, tagger: Tagger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from multitag import headstart
@@ -644,12 +644,17 @@ def test_a_head_start_skips_claimed_images_and_its_other_rows_are_dropped(
     )
     # Rows of images the shard does not hold are dropped; a failing head start costs nothing.
     everything = sorted(str(p) for p in src.rglob("*.jpg"))
-    head = headstart.start(tagger, lambda: everything[:7])
+    head = headstart.start(tagger, lambda: everything)
     head._thread.join(timeout=120)
     spec = plan_run(params).shards[0]  # this run's own shard: the 3 new images
     ready, seconds = headstart.take(tagger, spec.uris)
-    assert set(ready) == set(spec.uris) & set(everything[:7]) and seconds > 0
-    assert headstart.take(tagger, spec.uris) == ({}, 0.0)  # one shard uses it, once
+    assert set(ready) == set(spec.uris) and 0 < seconds < head.seconds
+    assert headstart.take(tagger, spec.uris) == ({}, 0.0)  # each row is handed over once
+    # the other rows wait for the shard that holds them (shards may start in any order)
+    rest, rest_s = headstart.take(tagger, everything)
+    assert set(rest) | set(ready) == set(everything)
+    assert rest_s + seconds == pytest.approx(head.seconds)
+    assert id(tagger) not in headstart._started  # exhausted: forgotten
 
     def broken() -> list[str]:
         raise OSError("listing failed")
