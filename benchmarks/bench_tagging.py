@@ -35,6 +35,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,8 +278,8 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
         e2e = statistics.median(n / r["wall_s"] for r in runs)
         script = statistics.median(n / r["wall_s"] for r in scripts)
         tag_phase = statistics.median(r["manifest"]["images_per_s"] for r in runs)
-        shard_phase = statistics.median(_shard_rate(r["manifest"], "tag_s") for r in runs)
-        scoring = statistics.median(_shard_rate(r["manifest"], "sum_model_s") for r in runs)
+        shard_phase = _median_rate(_shard_rate(r["manifest"], "tag_s") for r in runs)
+        scoring = _median_rate(_shard_rate(r["manifest"], "sum_model_s") for r in runs)
         head_start = statistics.median(_head_start_images(r["manifest"]) for r in runs)
         base_files = files[: plan.n_base[size]]
         base_rate, _ = median_rate(lambda bf=base_files: len(get_preds_probs(learn, bf)),
@@ -322,11 +323,19 @@ def _head_start_images(manifest: dict[str, Any]) -> int:
     return sum(int(s.get("n_head_start", 0)) for s in manifest["shards"])
 
 
-def _shard_rate(manifest: dict[str, Any], seconds_key: str) -> float:
+def _shard_rate(manifest: dict[str, Any], seconds_key: str) -> float | None:
     """Images / seconds of the shard tasks alone: the head start's images (tagged before the
-    run began, on the core the booting server leaves free) are left out of both."""
+    run began, on the core the booting server leaves free) are left out of both. None when
+    the head start tagged (nearly) everything."""
     n = manifest["tagged"] + manifest["failed"] - _head_start_images(manifest)
-    return n / manifest["seconds"][seconds_key]
+    seconds = manifest["seconds"][seconds_key]
+    return n / seconds if n >= 64 and seconds > 0 else None
+
+
+def _median_rate(rates: Iterable[float | None]) -> float:
+    """Median of the runs that measured something; nan if none did."""
+    measured = [r for r in rates if r is not None]
+    return statistics.median(measured) if measured else float("nan")
 
 
 def bench_bulk(root: Path, files: list[Path], plan: Plan, get_preds: float,
@@ -342,7 +351,7 @@ def bench_bulk(root: Path, files: list[Path], plan: Plan, get_preds: float,
         "script": statistics.median(n / r["wall_s"] for r in scripts),
         "e2e": statistics.median(n / r["wall_s"] for r in runs),
         "tag_phase": statistics.median(r["manifest"]["images_per_s"] for r in runs),
-        "shard_phase": statistics.median(_shard_rate(r["manifest"], "tag_s") for r in runs),
+        "shard_phase": _median_rate(_shard_rate(r["manifest"], "tag_s") for r in runs),
         "head_start": statistics.median(_head_start_images(r["manifest"]) for r in runs),
         "walls": [round(r["wall_s"], 1) for r in runs],
         "get_preds": get_preds,
