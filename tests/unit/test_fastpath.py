@@ -410,6 +410,22 @@ def test_the_fast_path_is_checked_on_validation_at_export_and_registered(
     assert exported.metrics["fastpath"]["chosen"] == record.chosen
 
 
+def _tag_in_a_fresh_process(params: TagParams, *, report: str, prelude: str = "") -> str:
+    """Tag `params.source` in a new Python process; stdout of `print(<report>)`, where `t`
+    is the tagger and `rows` the rows."""
+    code = (
+        "import sys; from multitag import tagger as tg, fastpath; "
+        f"from multitag.config import TagParams; {prelude}"
+        f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
+        "rows = [r for b in t.tag(sorted(str(p) for p in __import__('pathlib').Path("
+        f"{params.source!r}).iterdir())) for r in b.rows]; "
+        f"print({report})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_int8_runs_from_the_registry_without_torch_fastai_or_unpickling(
     exported: TinyModel, tmp_path: Path
 ) -> None:
@@ -417,17 +433,11 @@ def test_int8_runs_from_the_registry_without_torch_fastai_or_unpickling(
     write_images(src, 12)  # too few for a check at tag time: the export-time record is used
     params = TagParams(source=str(src), precision="int8", home=str(exported.home),
                        batch_size=16, decode_workers=1)  # fmt: skip
-    code = (
-        "import sys; from multitag import tagger as tg; from multitag.config import TagParams; "
-        f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
-        "rows = [r for b in t.tag(sorted(str(p) for p in __import__('pathlib').Path("
-        f"{str(src)!r}).iterdir())) for r in b.rows]; "
-        "print(type(t.scorer).__name__, t.scorer.precision, len(rows), "
-        "'fastai' in sys.modules, 'torch' in sys.modules); print(t.precision_choice)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    first, choice = out.stdout.splitlines()[:2]
+    first, choice = _tag_in_a_fresh_process(
+        params,
+        report="type(t.scorer).__name__, t.scorer.precision, len(rows), "
+        "'fastai' in sys.modules, 'torch' in sys.modules); print(t.precision_choice",
+    ).splitlines()[:2]
     assert first.split() == ["OrtScorer", "onnx-int8", "12", "False", "False"]
     assert "validation images" in choice and "learner not unpickled" in choice
 
@@ -628,19 +638,12 @@ def test_a_compiled_bf16_pick_runs_from_the_registry_without_unpickling(
         want = torch.sigmoid(torch.from_numpy(logits)).numpy()
         np.testing.assert_allclose(fast.scorer.score_batch(batch), want, rtol=0, atol=1e-6)
     # a fresh process tags with it without importing torch's Python package (~1.7 s)
-    src = tmp_path / "src"
-    code = (
-        "import sys; from multitag import tagger as tg, fastpath; "
-        "from multitag.config import TagParams; "
-        "fastpath.choose_for_run = lambda *a: ('aoti-bf16', 'forced'); "
-        f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
-        "rows = [r for b in t.tag(sorted(str(p) for p in __import__('pathlib').Path("
-        f"{str(src)!r}).iterdir())) for r in b.rows]; "
-        "print(type(t.scorer._runner).__name__, len(rows), sum(r.error is None for r in rows), "
-        "'torch' in sys.modules, 'fastai' in sys.modules)"
+    out = _tag_in_a_fresh_process(
+        params,
+        prelude="fastpath.choose_for_run = lambda *a: ('aoti-bf16', 'forced'); ",
+        report="type(t.scorer._runner).__name__, len(rows), sum(r.error is None for r in rows), "
+        "'torch' in sys.modules, 'fastai' in sys.modules",
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["_CRunner", "24", "24", "False", "False"]
+    assert out.split() == ["_CRunner", "24", "24", "False", "False"]
     # a changed package (native code) is refused before it is loaded
     _a_changed_file_is_refused(exported, tmp_path, params, aoti.file)
