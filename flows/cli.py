@@ -222,8 +222,11 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     server = _start_server_early()
     from flows.tag import prefetch, tag_images
 
-    if server is not None and not params.on_dask:
-        prefetch(params)  # the model loads here while the server boots on the other core
+    if not params.on_dask:
+        # The model loads here, while the temporary server boots on the other core; then a
+        # head start tags the first images while the flow starts (server boot, or with a
+        # configured server the flow engine's own start and its first API calls).
+        prefetch(params)
     s = _run_flow("tag", tag_images, params, server)
     if s is None:
         return EXIT_FAILED

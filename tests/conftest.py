@@ -46,6 +46,9 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
     """
     prefect_home = tmp_path_factory.mktemp("prefect-home")
     os.environ["PREFECT_HOME"] = str(prefect_home)
+    # Prefect configures its console log handler when `prefect.main` is first imported, on
+    # the sys.stderr of that moment: here, not inside a test whose capsys stream closes.
+    import prefect.main  # noqa: F401
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
