@@ -434,9 +434,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {"results": all_results, "trained": trained, "decode": decode}
 
 
-def _bulk_vs_limits(r: dict, b: dict, decode: dict[str, float]) -> str:
+def _ceiling_of(r: dict) -> float | None:
+    """The forward-pass ceiling of the precision the run picked (torch fp32 without one)."""
     chosen = (r["record"] or {}).get("chosen", "torch-fp32")
-    ceiling = r["ceilings"].get(chosen if chosen in r["ceilings"] else "torch-fp32")
+    return r["ceilings"].get(chosen if chosen in r["ceilings"] else "torch-fp32")
+
+
+def _bulk_vs_limits(r: dict, b: dict, decode: dict[str, float]) -> str:
+    ceiling = _ceiling_of(r)
     if not ceiling or "shard_phase" not in b:
         return "n/a"
     lim = _limit(ceiling, decode[b.get("size", "voc")])
@@ -454,7 +459,7 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
             ratio = s["e2e"] / s["get_preds"]
             target = 3.0 if size == "voc" else 5.0
             verdict = "met" if ratio >= target else "NOT met"
-            ceiling = r["ceilings"].get(chosen if chosen in r["ceilings"] else "torch-fp32")
+            ceiling = _ceiling_of(r)
             rows.append([
                 r["arch"], f"{size} {SIZES[size][0]}x{SIZES[size][1]}", plan.n_tag[size],
                 chosen, f"{s['e2e']:.1f}",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -473,17 +474,16 @@ def torch_version() -> str | None:
 
     From torch/version.py without importing torch (~1.7 s) unless it is already imported.
     """
-    import importlib.util
     import re
     import sys
 
     if "torch" in sys.modules:
         return str(sys.modules["torch"].__version__)
-    spec = importlib.util.find_spec("torch")
-    if spec is None or spec.origin is None:
+    package = _torch_dir()
+    if package is None:
         return None
     try:
-        text = (Path(spec.origin).parent / "version.py").read_text()
+        text = (package / "version.py").read_text()
     except OSError:
         text = ""
     found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
@@ -926,14 +926,18 @@ class _GilHoldingRunner:
             return self._loader.run([torch.from_numpy(x)])[0].float().numpy()
 
 
-def _torch_lib_dir() -> Path:
-    """torch's own native libraries, found without importing torch."""
+def _torch_dir() -> Path | None:
+    """torch's package folder, found without importing torch; None if it is not installed."""
     import importlib.util
 
     spec = importlib.util.find_spec("torch")
-    if spec is None or spec.origin is None:
-        raise OSError("torch is not installed: a compiled model needs its libtorch")
-    return Path(spec.origin).parent / "lib"
+    return None if spec is None or spec.origin is None else Path(spec.origin).parent
+
+
+@functools.lru_cache(maxsize=1)
+def _libtorch() -> _Libtorch:
+    """Loaded and declared once per process, whatever the number of compiled models."""
+    return _Libtorch()
 
 
 class _Libtorch:
@@ -946,7 +950,10 @@ class _Libtorch:
     def __init__(self) -> None:
         import ctypes as C
 
-        lib_dir = _torch_lib_dir()
+        package = _torch_dir()
+        if package is None:
+            raise OSError("torch is not installed: a compiled model needs its libtorch")
+        lib_dir = package / "lib"
         cpu = C.CDLL(str(lib_dir / "libtorch_cpu.so"), mode=C.RTLD_GLOBAL)
         C.CDLL(str(lib_dir / "libtorch.so"), mode=C.RTLD_GLOBAL)  # the model library needs it
         h, i64p = C.c_void_p, C.POINTER(C.c_int64)
@@ -1033,7 +1040,7 @@ class _CRunner:
         import ctypes
         import zipfile
 
-        self._torch = _Libtorch()  # first: the model library links against libtorch
+        self._torch = _libtorch()  # first: the model library links against libtorch
         with zipfile.ZipFile(package) as zf:
             libs = [n for n in zf.namelist() if n.endswith(".so") and "/aotinductor/model/" in n]
             if len(libs) != 1:

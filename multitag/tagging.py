@@ -80,6 +80,7 @@ from multitag.sources import (
 from multitag.storage import (
     exists,
     fs_and_path,
+    is_local,
     join,
     read_bytes,
     read_json,
@@ -298,33 +299,33 @@ def prefetch_tagger(params: TagParams, *, head_start: bool = False) -> str | Non
     except Exception as exc:  # the flow makes the same calls and reports this failure
         logging.getLogger(__name__).debug("tagger prefetch failed (%s); the run retries it", exc)
         return None
-    if head_start and _is_local(params.source):
+    if head_start and is_local(params.source):
         from multitag import headstart
 
         headstart.start(tagger, functools.partial(first_shard_uris, params, version))
     return version
 
 
-def _is_local(source: str) -> bool:
-    fs, _ = fs_and_path(source)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols
-
-
 def first_shard_uris(params: TagParams, model_version: str) -> list[str]:
     """The images `plan_run` would put in this run's first shard, found without claiming.
 
     (The plan claims first: between this read and the plan another run may claim some of
-    them; their rows are then dropped, see `multitag.headstart`.)
+    them; their rows are then never written, see `multitag.headstart`.)
     """
+    _, partition, plans = output_uris(params, model_version)
+    _, _, new = _unclaimed(params.source, plans, partition)
+    return [str(u) for u in new.slice(0, params.shard_size).to_pylist()]
+
+
+def _unclaimed(source: str, plans: str, partition: str) -> tuple[pa.Array, _ClaimLog, pa.Array]:
+    """The sorted listing of `source`, the claim log, and the listed images no epoch holds."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    _, partition, plans = output_uris(params, model_version)
-    listing = pa.array(list(list_images(params.source)), type=pa.string())
-    claimed = _ClaimLog.read(plans, partition).claimed_uris()
-    new = listing.filter(pc.invert(pc.is_in(listing, value_set=claimed)))
-    return [str(u) for u in new.slice(0, params.shard_size).to_pylist()]
+    listing = pa.array(list(list_images(source)), type=pa.string())
+    log = _ClaimLog.read(plans, partition)
+    new = listing.filter(pc.invert(pc.is_in(listing, value_set=log.claimed_uris())))
+    return listing, log, new
 
 
 def read_baseline(home: str | None, version: str) -> ModelBaseline:
@@ -375,13 +376,10 @@ def plan_run(
     for folder in (partition, plans, join(dataset_uri, MANIFESTS_DIR)):
         remove_stale_temp_files(folder)
 
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    listing = pa.array(list(list_images(params.source)), type=pa.string())
-    log = _ClaimLog.read(plans, partition)
+    listing, log, new = _unclaimed(params.source, plans, partition)
     n_skipped = int(pc.sum(pc.is_in(listing, value_set=log.finished_uris())).as_py() or 0)
-    new = listing.filter(pc.invert(pc.is_in(listing, value_set=log.claimed_uris())))
     epoch, own = _claim(plans, log, new, params, run_id)
     own_ids = {shard_id for shard_id, _ in own}
     orphans = [(sid, uris) for sid, uris in log.unfinished() if sid not in own_ids]
