@@ -220,13 +220,14 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     _prepare_runtime()
     server = _start_server_early()
-    from flows.tag import prefetch, tag_images
-
     if not params.on_dask:
         # The model loads here, while the temporary server boots on the other core; then a
-        # head start tags the first images while the flow starts (server boot, or with a
-        # configured server the flow engine's own start and its first API calls).
-        prefetch(params)
+        # head start tags the first images while Prefect is imported and the flow starts
+        # (server boot, or with a configured server the flow engine's own start and its
+        # first API calls).
+        _prefetch(params)
+    from flows.tag import tag_images
+
     s = _run_flow("tag", tag_images, params, server)
     if s is None:
         return EXIT_FAILED
@@ -337,6 +338,20 @@ def _prepare_runtime() -> None:
     configure_cpu_runtime()
 
 
+def _prefetch(params) -> None:  # params: multitag.config.TagParams
+    """Load the tagger `tag_images(params)` will use and start its head start, before Prefect
+    is imported (~1.5 s of one core that would otherwise leave the other idle).
+
+    The same home normalisation as `tag_images`, so its shard tasks find the cached tagger
+    and the rows its head start tagged meanwhile (`multitag.headstart`).
+    """
+    from multitag import tagging
+    from multitag.config import get_settings
+
+    home = get_settings(params.home).home
+    tagging.prefetch_tagger(params.model_copy(update={"home": home}), head_start=True)
+
+
 def _start_server_early():  # -> flows.ephemeral.EarlyServer | None
     """Spawn Prefect's temporary server before the flow imports (see flows/ephemeral.py)."""
     from flows.ephemeral import start_early
@@ -354,7 +369,13 @@ def _run_flow(command: str, flow_fn, params, server=None):  # -> flow result, No
     import atexit
     import gc
 
-    from flows.ephemeral import no_heartbeats_on_temporary_server
+    from prefect.settings import get_current_settings
+
+    from flows.ephemeral import (
+        check_configured_api,
+        heartbeat_not_awaited,
+        no_heartbeats_on_temporary_server,
+    )
 
     # Exit cost: the interpreter's final garbage collections walk every object that Prefect,
     # the server client and the model left (~1 s here); frozen objects are skipped. Buffered
@@ -362,7 +383,9 @@ def _run_flow(command: str, flow_fn, params, server=None):  # -> flow result, No
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     ours = server.adopt() if server is not None else False
-    with no_heartbeats_on_temporary_server(ours):
+    if not ours:
+        check_configured_api(get_current_settings().api.url)
+    with no_heartbeats_on_temporary_server(ours), heartbeat_not_awaited():
         state = flow_fn(params, return_state=True)
     if state.is_completed():
         return state.result()
@@ -386,11 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and on bad arguments (2)
         return e.code if isinstance(e.code, int) else EXIT_UNUSABLE
-    from flows.ephemeral import EphemeralServerError  # standard library only: cheap
+    from flows.ephemeral import PrefectApiError  # standard library only: cheap
 
     try:
         return args.func(args)
-    except EphemeralServerError as e:
+    except PrefectApiError as e:
         print(f"multitag {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
 

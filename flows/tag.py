@@ -121,19 +121,6 @@ def _print_progress(done: int, total: int, elapsed: float) -> None:
     sys.stderr.flush()
 
 
-def prefetch(params: TagParams) -> str | None:
-    """Load the tagger `tag_images(params)` will use, in this process, before the flow starts.
-
-    For the CLI, while Prefect's temporary server boots or, with a configured server, while
-    the flow starts (see `tagging.prefetch_tagger`): the same home normalisation as
-    `tag_images`, so its shard tasks find the cached tagger and the rows its head start
-    tagged meanwhile (`multitag.headstart`).
-    """
-    return tagging.prefetch_tagger(
-        params.model_copy(update={"home": get_settings(params.home).home}), head_start=True
-    )
-
-
 @flow(name="tag-images", flow_run_name=_tag_run_name, log_prints=True)
 def tag_images(params: TagParams) -> dict[str, Any]:
     """Tag every image under params.source exactly once per model version."""

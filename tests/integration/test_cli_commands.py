@@ -79,3 +79,59 @@ def test_retrain_cli_passes_the_fast_path_check_size() -> None:
 def test_retrain_cli_rejects_a_negative_fast_path_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["retrain", "--fastpath-check-images", "-1"]) == 2
     assert "fastpath_check_images" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_cli_flows_send_heartbeats_without_waiting_for_their_thread_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from prefect import flow, flow_engine
+    from prefect.settings import temporary_settings
+
+    from flows.ephemeral import heartbeat_not_awaited
+
+    joins: list[bool] = []
+    send = flow_engine._send_heartbeats
+
+    def record_join(engine: object, join_on_exit: bool = True) -> object:
+        joins.append(join_on_exit)
+        return send(engine, join_on_exit=join_on_exit)
+
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", record_join)
+    emitted = threading.Event()
+    emit = flow_engine.FlowRunEngine._emit_flow_run_heartbeat
+
+    def record_emit(self: object, *args: object) -> None:
+        emit(self, *args)
+        emitted.set()
+
+    monkeypatch.setattr(flow_engine.FlowRunEngine, "_emit_flow_run_heartbeat", record_emit)
+
+    @flow
+    def beats() -> bool:
+        return emitted.wait(timeout=30)  # the heartbeat thread emits as it starts
+
+    with temporary_settings(updates={"flows.heartbeat_frequency": 30}):
+        with heartbeat_not_awaited() as changed:
+            assert beats() is True
+        emitted.clear()
+        assert beats() is True
+    assert changed and joins == [False, True]
+    assert flow_engine._send_heartbeats is record_join
+
+
+def test_heartbeat_tweak_leaves_an_engine_without_the_hook_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect import flow_engine
+
+    from flows.ephemeral import heartbeat_not_awaited
+
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", lambda engine: None)
+    with heartbeat_not_awaited() as changed:
+        assert not changed
+    monkeypatch.delattr(flow_engine, "_send_heartbeats")
+    with heartbeat_not_awaited() as changed:
+        assert not changed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -292,3 +293,63 @@ def test_no_parent_death_hook_off_the_main_thread() -> None:
     worker.join()
     assert hooks == [None]  # the kernel would stop the child when this thread ended
     assert (ephemeral.parent_death_hook() is not None) == sys.platform.startswith("linux")
+
+
+def _refused_url() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port that was just free: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api"
+
+
+def test_a_configured_api_that_refuses_or_does_not_resolve_is_reported_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    refused = _refused_url()
+    with pytest.raises(ephemeral.ApiUnreachableError, match="connection refused") as e:
+        ephemeral.check_configured_api(refused)
+    assert refused in str(e.value) and "prefect server start" in str(e.value)
+    with pytest.raises(ephemeral.ApiUnreachableError, match="does not resolve"):
+        ephemeral.check_configured_api("http://no-such-host.invalid:4200/api")
+
+
+def test_a_listening_api_no_api_or_a_proxy_is_left_to_prefect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ephemeral.check_configured_api(f"http://127.0.0.1:{s.getsockname()[1]}/api")
+    ephemeral.check_configured_api(None)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    ephemeral.check_configured_api(_refused_url())  # the proxy may reach what we cannot
+
+
+def test_tag_cli_with_an_unreachable_configured_api_fails_in_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    url = _refused_url()
+    monkeypatch.setenv("PREFECT_API_URL", url)  # no early server is started either
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    (tmp_path / "images").mkdir()
+    out = tmp_path / "out"
+    with temporary_settings(updates={"api.url": url}):
+        rc = main(["tag", str(tmp_path / "images"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists()
+    assert err.strip().splitlines() == [
+        f"multitag tag: nothing answers at the Prefect API {url} (connection refused): start "
+        "it (`prefect server start`), or unset PREFECT_API_URL to run on a temporary local "
+        "server"
+    ]
