@@ -13,15 +13,9 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from multitag.storage import (
-    fs_and_path,
-    unstrip,
-)
-
-if TYPE_CHECKING:
-    pass
+from multitag.storage import fs_and_path, is_local_fs, unstrip
 
 # Pillow's raster formats, plus HEIC/HEIF: Pillow cannot decode those, but listing them makes
 # phone photos show up as "unrecognised" error rows instead of vanishing from the counts.
@@ -61,8 +55,7 @@ def list_images(source: str) -> Iterator[str]:
     objects at all, raises FileNotFoundError (a typo must not look like "nothing to tag").
     """
     fs, path = fs_and_path(source)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols:
+    if is_local_fs(fs):
         keys = _list_local(path)
     elif hasattr(fs, "call_s3"):
         try:
@@ -142,8 +135,7 @@ def read_many(uris: Sequence[str]) -> list[bytes | OSError]:
         by_fs.setdefault(_protocol_of(uri), []).append(i)
     for idxs in by_fs.values():
         fs, _ = fs_and_path(uris[idxs[0]])
-        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-        if "file" in protocols:
+        if is_local_fs(fs):
             for i in idxs:
                 out[i] = _read_local(fs_and_path(uris[i])[1])
         elif getattr(fs, "async_impl", False):

@@ -26,6 +26,11 @@ def fs_and_path(uri: str) -> tuple[AbstractFileSystem, str]:
 
 def is_local(uri: str) -> bool:
     fs, _ = fs_and_path(uri)
+    return is_local_fs(fs)
+
+
+def is_local_fs(fs: AbstractFileSystem) -> bool:
+    """The local disk (read with plain open() calls), not an object store."""
     return "file" in _protocols(fs)
 
 
