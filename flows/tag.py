@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from multitag import tagging
-from multitag.config import TagParams, get_settings
+from multitag.config import TagParams
 from tasks.tagging import plan_tagging, resolve_model, tag_shard, write_manifest
 
 
@@ -124,7 +124,7 @@ def _print_progress(done: int, total: int, elapsed: float) -> None:
 @flow(name="tag-images", flow_run_name=_tag_run_name, log_prints=True)
 def tag_images(params: TagParams) -> dict[str, Any]:
     """Tag every image under params.source exactly once per model version."""
-    params = params.model_copy(update={"home": get_settings(params.home).home})
+    params = params.with_home_resolved()
     version = resolve_model(params)
     run_id = tagging.new_run_id()
     if params.on_dask:

@@ -179,6 +179,14 @@ class TagParams(BaseModel):
         """Shards go to Dask (a scheduler, or a local cluster) instead of this process."""
         return bool(self.dask_address or self.dask_local_workers)
 
+    def with_home_resolved(self) -> TagParams:
+        """These params with `home` made explicit (MULTITAG_HOME or the default when unset).
+
+        Why: the flow's tasks (on Dask workers too) then all use one home, and the CLI's
+        prefetch keys the cached tagger and its head start's rows by the home the flow uses.
+        """
+        return self.model_copy(update={"home": get_settings(self.home).home})
+
     @field_validator("source", "out")
     @classmethod
     def _no_unfilled_template(cls, value: str | None) -> str | None:

@@ -31,12 +31,8 @@ def is_local(uri: str) -> bool:
 
 def is_local_fs(fs: AbstractFileSystem) -> bool:
     """The local disk (read with plain open() calls), not an object store."""
-    return "file" in _protocols(fs)
-
-
-def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)
+    return "file" in ((proto,) if isinstance(proto, str) else tuple(proto))
 
 
 def join(base: str, *parts: str) -> str:
@@ -50,7 +46,7 @@ def join(base: str, *parts: str) -> str:
 
 def unstrip(fs: AbstractFileSystem, path: str) -> str:
     """Turn a filesystem-internal path back into a full URI (`bucket/k` -> `s3://bucket/k`)."""
-    if "file" in _protocols(fs):
+    if is_local_fs(fs):
         return path
     return fs.unstrip_protocol(path)
 
@@ -78,7 +74,7 @@ def write_bytes_atomic(uri: str, data: bytes, *, exclusive: bool = False) -> Non
     `exclusive` uses a conditional create (`If-None-Match`) and raises FileExistsError.
     """
     fs, path = fs_and_path(uri)
-    if "file" in _protocols(fs):
+    if is_local_fs(fs):
         _write_local_atomic(path, data, exclusive=exclusive)
         return
     parent = posixpath.dirname(path)
@@ -126,7 +122,7 @@ def remove_stale_temp_files(folder_uri: str, *, max_age_s: float = 86_400.0) -> 
     object. Live writers' temp files are never touched.
     """
     fs, path = fs_and_path(folder_uri)
-    if "file" not in _protocols(fs) or not os.path.isdir(path):
+    if not is_local_fs(fs) or not os.path.isdir(path):
         return []
     removed = []
     host, now = socket.gethostname(), time.time()

@@ -304,12 +304,16 @@ def _refused_url() -> str:
     return f"http://127.0.0.1:{port}/api"
 
 
-def test_a_configured_api_that_refuses_or_does_not_resolve_is_reported_in_one_line(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variable: the API check connects directly (a proxy would skip it)."""
     for var in ("http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
         monkeypatch.delenv(var.upper(), raising=False)
+
+
+@pytest.mark.usefixtures("no_proxy")
+def test_a_configured_api_that_refuses_or_does_not_resolve_is_reported_in_one_line() -> None:
     refused = _refused_url()
     with pytest.raises(ephemeral.ApiUnreachableError, match="connection refused") as e:
         ephemeral.check_configured_api(refused)
@@ -332,6 +336,7 @@ def test_a_listening_api_no_api_or_a_proxy_is_left_to_prefect(
     ephemeral.check_configured_api(_refused_url())  # the proxy may reach what we cannot
 
 
+@pytest.mark.usefixtures("no_proxy")
 def test_tag_cli_with_an_unreachable_configured_api_fails_in_one_line_and_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -339,9 +344,6 @@ def test_tag_cli_with_an_unreachable_configured_api_fails_in_one_line_and_writes
 
     url = _refused_url()
     monkeypatch.setenv("PREFECT_API_URL", url)  # no early server is started either
-    for var in ("http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
     (tmp_path / "images").mkdir()
     out = tmp_path / "out"
     with temporary_settings(updates={"api.url": url}):
