@@ -69,7 +69,8 @@ class EphemeralServerError(PrefectApiError):
 
 
 class ApiUnreachableError(PrefectApiError):
-    """The configured Prefect API (PREFECT_API_URL) refuses connections or has no address."""
+    """The configured Prefect API (PREFECT_API_URL) is malformed, refuses connections or has
+    no address."""
 
 
 def uvicorn_command(port: int) -> list[str]:
@@ -385,11 +386,17 @@ def check_configured_api(api_url: str | None) -> None:
         return
     from urllib.parse import urlsplit
 
-    parts = urlsplit(api_url)
+    local = "unset PREFECT_API_URL to run on a temporary local server"
+    try:
+        parts = urlsplit(api_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a bad port or IPv6 literal: Prefect fails on it too, later
+        raise ApiUnreachableError(
+            f"the Prefect API URL {api_url!r} is not a valid URL ({e}): fix PREFECT_API_URL, "
+            f"or {local}"
+        ) from None
     if not parts.hostname:
         return
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    local = "unset PREFECT_API_URL to run on a temporary local server"
     hint = f"start it (`prefect server start`), or {local}"
     try:
         with socket.create_connection((parts.hostname, port), timeout=5):

@@ -320,6 +320,10 @@ def test_a_configured_api_that_refuses_or_does_not_resolve_is_reported_in_one_li
     assert refused in str(e.value) and "prefect server start" in str(e.value)
     with pytest.raises(ephemeral.ApiUnreachableError, match="does not resolve"):
         ephemeral.check_configured_api("http://no-such-host.invalid:4200/api")
+    for bad in ("http://127.0.0.1:42oo/api", "http://127.0.0.1:99999/api"):
+        with pytest.raises(ephemeral.ApiUnreachableError, match="not a valid URL") as e:
+            ephemeral.check_configured_api(bad)
+        assert bad in str(e.value) and "PREFECT_API_URL" in str(e.value)
 
 
 def test_a_listening_api_no_api_or_a_proxy_is_left_to_prefect(
