@@ -1,11 +1,17 @@
 """Orchestration overhead: the Prefect tag flow (`multitag tag`) vs the library call.
 
-    python -m benchmarks.bench_overhead [--quick] [--no-record]
+    python -m benchmarks.bench_overhead [--quick] [--no-record] [--server]
+                                        [--voc [--arch resnet50] [--phone]]
 
 Both tag the same 2,000 small JPEGs with the same model in a fresh subprocess (so both pay
 Python start-up and imports); `multitag tag` additionally starts Prefect's ephemeral server
 and runs the flow, subflow and one task per shard. Runs alternate (CLI, library, CLI, ...)
 so a neighbour's load hits both alike; medians of 3 after a warm-up of each.
+
+`--voc` tags VOC-sized photos with resnet18 at 224 px instead: a run of realistic length.
+Prefect's cost is fixed, so its share depends on how long the tagging takes: `--arch
+resnet50` (a slower model) and `--phone` (2000x1500 photos, slower to decode) measure it on
+the other cases of the throughput benchmark.
 """
 
 from __future__ import annotations
@@ -95,21 +101,31 @@ def main(argv: list[str] | None = None) -> None:
         help="VOC-sized photos (500x375) and resnet18 at 224 px instead of 80x60 JPEGs and a "
         "32 px shapes_cnn: a tagging run of realistic length",
     )
+    parser.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18",
+                        help="the model of a --voc run")  # fmt: skip
+    parser.add_argument("--phone", action="store_true",
+                        help="with --voc: phone-sized photos (2000x1500) instead")  # fmt: skip
     args = parser.parse_args(argv)
+    if (args.phone or args.arch != "resnet18") and not args.voc:
+        parser.error("--arch and --phone choose the model and photos of a --voc run")
     env_line = environment_line()
-    root = args.work / ("overhead-voc" if args.voc else "overhead")
+    size = "phone" if args.phone else "voc"
+    case = f"{size}{'' if args.arch == 'resnet18' else '-' + args.arch}"
+    root = args.work / (f"overhead-{case}" if args.voc else "overhead")
     shutil.rmtree(root / "home", ignore_errors=True)
     shutil.rmtree(root / "cache", ignore_errors=True)
     if args.voc:
-        register_trained(root / "home", root, arch="resnet18", img_size=224, n_train=64,
+        register_trained(root / "home", root, arch=args.arch, img_size=224, n_train=64,
                          n_valid=256, epochs=1)  # fmt: skip
-        photos = make_photos(args.work / "photos" / "voc-500x375", args.images, (500, 375))
+        wh = (2000, 1500) if args.phone else (500, 375)
+        photos = make_photos(args.work / "photos" / f"{size}-{wh[0]}x{wh[1]}", args.images, wh)
+        what = f"{'Phone' if args.phone else 'VOC'}-sized photos, {args.arch} 224 px"
     else:
         register_trained(root / "home", root, arch="shapes_cnn", img_size=32, n_train=96,
                          epochs=1)  # fmt: skip
         photos = make_photos(args.work / "photos" / "small-80x60", args.images, (80, 60))
-    what = "VOC-sized photos, resnet18 224 px" if args.voc else "80x60 JPEGs, shapes_cnn 32 px"
-    folder = args.work / "photos" / f"overhead-{'voc-' if args.voc else ''}{args.images}"
+        what = "80x60 JPEGs, shapes_cnn 32 px"
+    folder = args.work / "photos" / f"overhead-{size + '-' if args.voc else ''}{args.images}"
     folder.mkdir(parents=True, exist_ok=True)
     for p in photos[: args.images]:
         if not (folder / p.name).exists():

@@ -13,7 +13,11 @@ throughput, not for accuracy) and each photo size (VOC 500x375, phone 2000x1500 
   model.pkl and a subset of the same images, in this process, and `learn.predict` per image;
 - label agreement: `multitag tag`'s labels vs the baseline's `probs > thresholds`;
 - ceilings: the forward pass alone on pre-decoded batches of 64 for each precision, and
-  decoding alone (one thread).
+  decoding alone (one thread);
+- the tagger alone: `Tagger.tag` (read, decode, score; the scorer `auto` picks) on the same
+  photos in this process, with no Prefect start and no Parquet, compared with the forward
+  ceiling of its precision and with the decode + forward limit: how close to the limit the
+  tagging pipeline itself runs, apart from a short run's fixed start-up cost.
 
 At a bucket's scale (`--bulk N`, first architecture only): `multitag tag` on N VOC-sized
 photos (phone-sized with `--bulk-size phone`), so the fixed start-up cost (Prefect, imports,
@@ -55,6 +59,8 @@ from benchmarks.common import (
 
 SECTION = "## Tagging throughput"
 CEILING_SECTION = "## Ceilings: forward pass and decode alone"
+ALONE_SECTION = "#### The tagger alone against its ceiling (in-process: no Prefect, no Parquet)"
+CEILING_TARGET = 0.80
 SIZES = {"voc": (500, 375), "phone": (2000, 1500)}
 
 
@@ -237,6 +243,18 @@ def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, roo
     return out
 
 
+def tagger_alone(root: Path, files: list[Path], repeats: int) -> dict[str, Any]:
+    """img/s of the tagging pipeline itself: the registered model as `auto` loads it, reading,
+    decoding (its background threads) and scoring `files`; nothing else in the window."""
+    from multitag.config import TagParams
+    from multitag.tagger import load_tagger
+
+    tagger = load_tagger(TagParams(source=str(files[0].parent), home=str(root / "home")))
+    uris = [str(f) for f in files]
+    rate, rates = median_rate(lambda: sum(len(b.rows) for b in tagger.tag(uris)), repeats)
+    return {"rate": rate, "rates": rates, "scorer": tagger.precision_choice.split(":")[0]}
+
+
 def decode_ceiling(files: list[Path], img_size: int, repeats: int) -> float:
     from multitag.imaging import decode_image
 
@@ -305,6 +323,8 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
         results["bulk"]["size"] = bulk_size
         print(f"[{arch}/bulk] {results['bulk']}")
     results["record"] = rec
+    results["alone"] = {s: tagger_alone(root, files, plan.repeats) for s, files in photos.items()}
+    print(f"[{arch}/alone] {results['alone']}")
     spec = json.loads(json.dumps(_spec_of(root)))
     results["ceilings"] = forward_ceilings(learn, spec, rec, root, 64, plan.repeats)
     results["accuracy_multi"] = model["accuracy_multi"]
@@ -545,6 +565,8 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
         lines.append("")
         lines.append(f"Median of {plan.repeats} `multitag tag` runs and {plan.repeats} fastai "
                      "script runs (whole subprocesses, alternating) on one folder.")  # fmt: skip
+    if alone := _alone_rows(results, decode, plan):
+        lines += ["", ALONE_SECTION, "", alone]
     ceil_rows = [[r["arch"], *(f"{v:.1f}" for v in r["ceilings"].values())] for r in results]
     lines += ["", CEILING_SECTION.replace("## ", "#### "), ""]
     if results:
@@ -553,6 +575,46 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
     lines.append("Decode + resize to 224 alone, one thread (imaging.decode_image): " + ", ".join(
         f"{s} {v:.1f} img/s" for s, v in decode.items()))  # fmt: skip
     return "\n".join(lines)
+
+
+def _alone_rows(results: list[dict], decode: dict[str, float], plan: Plan) -> str:
+    """The issue's "within 80% of the forward-pass ceiling (decoding hidden)", per case.
+
+    Where decoding and the forward pass together cannot reach 80% of the forward ceiling on
+    these cores (the limit itself is below it), the row says so: no pipeline could meet it.
+    """
+    rows = []
+    for r in results:
+        ceiling = _ceiling_of(r)
+        for size, a in (r.get("alone") or {}).items():
+            if not ceiling:
+                continue
+            lim = _limit(ceiling, decode[size])
+            share = a["rate"] / ceiling
+            if share >= CEILING_TARGET:
+                verdict = "met"
+            elif lim / ceiling < CEILING_TARGET:
+                verdict = f"not reachable here: the limit is {lim / ceiling:.0%} of the ceiling"
+            else:
+                verdict = "NOT met"
+            rows.append([
+                r["arch"], f"{size} {SIZES[size][0]}x{SIZES[size][1]}", plan.n_tag[size],
+                a["scorer"], ", ".join(f"{x:.1f}" for x in a["rates"]), f"{a['rate']:.1f}",
+                f"{ceiling:.1f}", f"**{share:.0%}** ({verdict})", f"{lim:.0f}",
+                f"{a['rate'] / lim:.0%}",
+            ])  # fmt: skip
+    if not rows:
+        return ""
+    head = ["model", "photos", "n", "scorer", "runs img/s", "tagger img/s (median)",
+            "forward ceiling img/s", f"tagger / ceiling (target {CEILING_TARGET:.0%})",
+            "decode + forward limit img/s", "tagger / limit"]  # fmt: skip
+    return (
+        table(head, rows)
+        + f"\n\nMedians of {plan.repeats} passes after a warm-up, over the folders the "
+        "`multitag tag` runs above tagged; `Tagger.tag` with its background decode threads, "
+        "the scorer `auto` picked. The forward ceiling is that scorer's, below; the limit is "
+        "cores / (cores / forward + 1 / decode), decoding at the one-thread rate below."
+    )
 
 
 if __name__ == "__main__":
