@@ -185,7 +185,12 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", dest="dataset_name", help="dataset name under OUT")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--shard-size", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"])
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "int8"],
+        help="auto (default): the fastest scorer checked at export; fp32: exact, the scores "
+        "fastai's get_preds gives",
+    )
     p.add_argument("--concurrency", dest="max_concurrency", type=int)
     p.add_argument("--dask-address", help="tcp://host:8786 of a Dask scheduler")
     p.add_argument("--dask-local-workers", type=int, help="start a local Dask cluster")

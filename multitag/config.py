@@ -210,7 +210,11 @@ class TagParams(BaseModel):
     shard_size: int = Field(
         1000, ge=1, le=1_000_000, description="Images per Parquet shard (one task each)."
     )
-    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="auto: the fastest scorer checked at export; fp32: exact (fp32 scores of "
+        "fastai's full-resolution pixels); bf16; int8 (even below the agreement bar).",
+    )
     max_concurrency: int = Field(
         1, ge=1, le=256, description="Shards tagged at once on this machine."
     )

@@ -17,7 +17,9 @@ Choices (and why):
 - Multi-frame files (GIF, APNG, TIFF pages, MPO) use the first frame.
 - JPEGs much larger than the model input are decoded at 1/2, 1/4 or 1/8 scale (`draft`),
   keeping at least `DRAFT_OVERSAMPLE` x the model resolution so the final bilinear resize
-  still averages over enough pixels. Decode time falls ~scale^2 on big photos.
+  still averages over enough pixels. Decoding a 2000x1500 photo for a 224 px model takes
+  half the time (1/2 scale). `draft=False` decodes every pixel: fastai's own pixels, for
+  the exact fp32 mode.
 - A pixel-count limit (declared size, checked before any pixel is decoded) stops
   decompression bombs; `max_pixels=None` leaves only Pillow's own global guard.
 - The final resize replicates fastai's validation `Resize(size, method)` exactly (centre
@@ -42,7 +44,14 @@ PadMode = Literal["reflection", "zeros", "border"]
 # Pillow's default warning limit (~89.5 MP, a 9459x9459 image): 268 MB as RGB. Raise it for
 # gigapixel scans on purpose, not by accident.
 DEFAULT_MAX_PIXELS = 89_478_485
-DRAFT_OVERSAMPLE = 2
+# Why 3, not 2: the DCT-scaled decode is a small box filter ahead of the final bilinear
+# resize, and when that resize shrinks by less than ~3x the box is a visible part of the
+# result. Measured (benchmarks/RESULTS.md, session 6) with a partly trained 64 px model whose
+# scores crowd its threshold, fp32 decisions vs fastai's full decode: remaining shrink 2.4x
+# 99.50%, 2.9-3.9x 99.50%, 3.1x 99.75%, 4x 99.81%, 4.5x 99.83%; full decode 100%. With 3,
+# 2000x1500 and 4032x3024 photos still decode at 1/2 and 1/4 scale for 224 px models;
+# 1920x1080 ones are decoded whole (75 instead of 117 img/s on one core).
+DRAFT_OVERSAMPLE = 3
 WHITE = (255, 255, 255)
 
 # Only plugins for raster photo/graphics formats: fewer parsers exposed to hostile bytes, and
@@ -106,8 +115,12 @@ def decode_image(
     pad_mode: PadMode = "reflection",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = WHITE,
+    draft: bool = True,
 ) -> DecodedImage:
     """Decode `data` and prepare it for a model with square input `target_size`.
+
+    `draft=False`: never a reduced-scale JPEG decode, so the pixels are exactly those of
+    fastai's validation pipeline (slower on photos much larger than the model input).
 
     Raises ImageDecodeError (with `.kind` and `.reason`) for anything that is not a usable
     image; any other exception is a bug, not a bad file.
@@ -120,7 +133,8 @@ def decode_image(
     try:
         fmt, mode = img.format or "unknown", img.mode
         stored_w, stored_h = img.size
-        _draft_for(img, target_size, resize_method)
+        if draft:
+            _draft_for(img, target_size, resize_method)
         try:
             img.load()
         except _CORRUPT_ERRORS as exc:

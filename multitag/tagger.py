@@ -244,6 +244,7 @@ class Tagger:
         decode_workers: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         background: tuple[int, int, int] = WHITE,
+        draft: bool = True,
     ) -> None:
         if list(thresholds.vocab) != list(spec.vocab):
             raise TaggingError(
@@ -261,6 +262,7 @@ class Tagger:
         self.decode_workers = decode_workers or default_decode_workers()
         self.max_pixels = max_pixels
         self.background = background
+        self.draft = draft  # reduced-scale JPEG decoding (imaging.decode_image)
         # [fastpath] which scorer runs and why (load_tagger may swap in a fast path).
         self.precision_choice = str(getattr(scorer, "precision", type(scorer).__name__))
         _allow_pixels(max_pixels)
@@ -296,8 +298,14 @@ class Tagger:
         precision: str = "auto",
         **kwargs: Any,
     ) -> Tagger:
-        """From a fastai learner; `spec=None` reads its Resize/Normalize transforms."""
+        """From a fastai learner; `spec=None` reads its Resize/Normalize transforms.
+
+        `precision="fp32"` is the exact mode: fp32 scores of fastai's own pixels (no
+        reduced-scale JPEG decoding), so scores equal `get_preds`'s.
+        """
         from multitag.runtime import pick_device
+
+        kwargs.setdefault("draft", precision != "fp32")
 
         spec = spec or InferenceSpec.from_learner(learn)
         dev = pick_device(device)
@@ -330,6 +338,7 @@ class Tagger:
             pad_mode=self.spec.pad_mode,  # type: ignore[arg-type]
             max_pixels=self.max_pixels,
             background=self.background,
+            draft=self.draft,
         )
 
     def tag(

@@ -249,6 +249,47 @@ def test_load_tagger_fp32_stays_torch_eager_and_auto_checks_a_fast_path(
         assert decisions == 1.0
 
 
+def _big_photos(folder: Path, n: int) -> list[Path]:
+    """Blocky, noisy 400x300 JPEGs: at least 6x the tiny model's input, so the default decode
+    scales them down and its pixels differ from a full decode."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        grid = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(grid).resize((400, 300), Image.Resampling.NEAREST))
+        noisy = np.clip(img.astype(np.int16) + rng.integers(-30, 31, img.shape), 0, 255)
+        paths.append(folder / f"photo_{i:02d}.jpg")
+        Image.fromarray(noisy.astype(np.uint8)).save(paths[-1], "JPEG", quality=90)
+    return paths
+
+
+def test_precision_fp32_is_exact_fastai_get_preds_scores_on_big_photos(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    from multitag import registry
+
+    files = _big_photos(tmp_path / "src", 12)
+    base = {"source": str(files[0].parent), "home": str(tiny.home), "batch_size": 16}
+    exact = tg.load_tagger(TagParams(precision="fp32", decode_workers=1, **base))
+    assert exact.draft is False
+    assert tg.load_tagger(TagParams(precision="bf16", **base)).draft is True
+
+    def scores(tagger: tg.Tagger) -> np.ndarray:
+        rows = [r for b in tagger.tag([str(f) for f in files]) for r in b.rows]
+        return np.array([[r.scores[v] for v in tagger.vocab] for r in rows])
+
+    learn = registry.load_model(str(tiny.home), tiny.version).learner
+    with learn.no_bar():
+        expected, _ = learn.get_preds(dl=learn.dls.test_dl(files))
+    off = np.abs(scores(exact) - expected.numpy()).max()
+    exact.draft = True  # the reduced-scale decode: what the exact mode must not do
+    drafted_off = np.abs(scores(exact) - expected.numpy()).max()
+    assert off < 1e-6 and drafted_off > 1e-5  # measured: 6e-8 and 3.4e-5
+
+
 def tiny_sha(tiny: TinyModel) -> str:
     from multitag import registry
 

@@ -224,6 +224,60 @@ def test_large_jpeg_is_drafted_and_close_to_full_decode(monkeypatch: pytest.Monk
     assert diff.mean() < 2.0, diff.mean()
 
 
+def _draft_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Sizes JPEGs are decoded at, one per `draft` call (after the call)."""
+    from PIL import JpegImagePlugin
+
+    sizes: list[tuple[int, int]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: Image.Image, mode: str | None, size: tuple[int, int] | None):  # type: ignore[no-untyped-def]
+        out = real_draft(self, mode, size)
+        sizes.append(self.size)
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "target", "decoded_at"),
+    [
+        (2000, 1500, 224, (1000, 750)),  # phone photo: 1/2 scale, 3.3x the input left
+        (4032, 3024, 224, (1008, 756)),  # 12 MP photo: 1/4 scale
+        (1920, 1080, 224, None),  # 1/2 scale would leave 2.4x: decoded whole
+        (560, 315, 64, None),  # the same shape at 64 px
+        (500, 375, 224, None),  # VOC-sized: too small to scale down
+    ],
+)
+def test_a_jpeg_is_scaled_down_only_while_3x_the_model_input_remains(
+    monkeypatch: pytest.MonkeyPatch, w: int, h: int, target: int, decoded_at: tuple | None
+) -> None:
+    sizes = _draft_spy(monkeypatch)
+    out = decode_image(encode(gradient(w, h), "JPEG", quality=90), target)
+    assert (out.width, out.height, out.array.shape) == (w, h, (target, target, 3))
+    if decoded_at is None:
+        assert sizes in ([], [(w, h)])  # no draft asked, or one that kept the full size
+    else:
+        assert sizes == [decoded_at]
+
+
+def test_draft_false_decodes_every_pixel_as_fastai_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact mode's decode: the same pixels as a full decode + fastai's validation resize,
+    where the default decodes this photo at 1/4 scale and differs."""
+    rng = np.random.default_rng(0)
+    base = np.asarray(gradient(1600, 1200)).astype(np.int16)
+    noisy = np.clip(base + rng.integers(-40, 41, base.shape), 0, 255).astype(np.uint8)
+    data = encode(Image.fromarray(noisy), "JPEG", quality=90)
+    sizes = _draft_spy(monkeypatch)
+    exact = decode_image(data, 64, draft=False)
+    assert sizes == []
+    full = np.asarray(fastai_resize(Image.open(io.BytesIO(data)).convert("RGB"), 64))
+    assert np.array_equal(exact.array, full)
+    drafted = decode_image(data, 64)
+    assert sizes == [(400, 300)] and not np.array_equal(drafted.array, full)
+
+
 def test_small_jpeg_is_not_drafted(monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import JpegImagePlugin
 
