@@ -330,6 +330,13 @@ class Tagger:
     def vocab(self) -> tuple[str, ...]:
         return self.spec.vocab
 
+    @property
+    def scorer_note(self) -> str:
+        """What a manifest records: the scorer, why it was picked, and an exact decode (so a
+        user who needs fastai's own scores can see that a run had them)."""
+        exact = "" if self.draft else "; exact decode (every pixel, as fastai decodes)"
+        return self.precision_choice + exact
+
     def decode(self, data: bytes) -> DecodedImage:
         return decode_image(
             data,

@@ -640,7 +640,7 @@ def tag_shard(
     if status != "written":
         return ShardResult(spec.shard_id, spec.part_uri, status, len(rows), seconds=seconds)
     return dataclasses.replace(
-        _count_rows(spec, rows, seconds), scorer=tagger.precision_choice, n_head_start=len(ready)
+        _count_rows(spec, rows, seconds), scorer=tagger.scorer_note, n_head_start=len(ready)
     )
 
 

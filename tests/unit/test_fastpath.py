@@ -274,8 +274,9 @@ def test_precision_fp32_is_exact_fastai_get_preds_scores_on_big_photos(
     files = _big_photos(tmp_path / "src", 12)
     base = {"source": str(files[0].parent), "home": str(tiny.home), "batch_size": 16}
     exact = tg.load_tagger(TagParams(precision="fp32", decode_workers=1, **base))
-    assert exact.draft is False
-    assert tg.load_tagger(TagParams(precision="bf16", **base)).draft is True
+    assert exact.draft is False and "exact decode" in exact.scorer_note  # in the manifest
+    bf16 = tg.load_tagger(TagParams(precision="bf16", **base))
+    assert bf16.draft is True and "exact" not in bf16.scorer_note
 
     def scores(tagger: tg.Tagger) -> np.ndarray:
         rows = [r for b in tagger.tag([str(f) for f in files]) for r in b.rows]

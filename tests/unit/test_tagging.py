@@ -620,6 +620,7 @@ def test_a_head_start_tags_the_first_shard_early_and_that_shard_writes_its_rows(
     assert (summary.tagged + summary.failed, summary.shards_written) == (26, 3)
     assert sharded[0] == (0, 0)  # the first shard scored nothing itself
     assert [s["n_head_start"] for s in summary.to_dict()["shards"]] == [10, 0, 0]
+    assert ["exact" in s for s in summary.to_dict()["scorers"]] == [True]  # precision fp32
     assert summary.seconds["sum_head_start_s"] > 0 and id(tagger) not in headstart._started
     # The same rows, each image once, as a run without a head start writes.
     plain = tag_source(params.model_copy(update={"out": str(plain_out)}), tagger=tagger)
