@@ -49,9 +49,8 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # result. Measured (benchmarks/RESULTS.md, session 6) with a partly trained 64 px model whose
 # scores crowd its threshold, fp32 decisions vs fastai's full decode, by the shrink left on
 # the smaller side: 2.4x 99.50%, 2.9x 99.50%, 3.0-4x 99.75-99.83%, 5.9x 100%; full decode
-# 100%. With 3,
-# 2000x1500 and 4032x3024 photos still decode at 1/2 and 1/4 scale for 224 px models;
-# 1920x1080 ones are decoded whole (75 instead of 117 img/s on one core).
+# 100%. With 3, 2000x1500 and 4032x3024 photos still decode at 1/2 and 1/4 scale for 224 px
+# models; 1920x1080 ones are decoded whole (75 instead of 117 img/s on one core).
 DRAFT_OVERSAMPLE = 3
 WHITE = (255, 255, 255)
 
