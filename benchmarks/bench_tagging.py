@@ -24,8 +24,9 @@ photos (phone-sized with `--bulk-size phone`), so the fixed start-up cost (Prefe
 model load) is amortised as it is for a user tagging a whole bucket; compared with the
 get_preds rate measured in the same run.
 
-Agreement on a *trained* model: a shapes_cnn trained at 64 px tags VOC-sized photos; this is
-where reduced precision could flip decisions. The full run trains it with the demo's recipe
+Agreement on a *trained* model: a shapes_cnn trained at 64 px tags the VOC-sized and the
+phone-sized photos; this is where reduced precision (and, on phone photos, reduced-scale JPEG
+decoding) could flip decisions. The full run trains it with the demo's recipe
 (4,800 + 1,200 images, 12 epochs: accuracy_multi ~0.998, as users' models are); `--quick`
 trains it partly (2,000 + 1,000 images, 4 epochs: ~0.67, many scores near the thresholds, a
 harsher test of the fast path). `--archs none` measures only that.
