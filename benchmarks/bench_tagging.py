@@ -21,8 +21,8 @@ throughput, not for accuracy) and each photo size (VOC 500x375, phone 2000x1500 
 
 At a bucket's scale (`--bulk N`, first architecture only): `multitag tag` on N VOC-sized
 photos (phone-sized with `--bulk-size phone`), so the fixed start-up cost (Prefect, imports,
-model load) is amortised as it is for a user tagging a whole bucket; compared with the
-get_preds rate measured in the same run.
+model load) is amortised as it is for a user tagging a whole bucket; compared with get_preds
+on a prefix of the same photos, measured between the bulk runs (alternating with them).
 
 Agreement on a *trained* model: a shapes_cnn trained at 64 px tags 2,000 VOC-sized and 1,000
 phone-sized photos (`--quick`: 1,000 and 500); this is where reduced precision (and, on phone
@@ -346,9 +346,8 @@ def bench_arch(arch: str, plan: Plan, work: Path, photos: dict[str, list[Path]],
         }  # fmt: skip
         print(f"[{arch}/{size}] {results['sizes'][size]}")
     if bulk:
-        results["bulk"] = bench_bulk(root, bulk, plan,
-                                     results["sizes"][bulk_size]["get_preds"],
-                                     model["model_file"])  # fmt: skip
+        results["bulk"] = bench_bulk(root, bulk, plan, learn, model["model_file"],
+                                     bulk[: plan.n_base[bulk_size]])  # fmt: skip
         results["bulk"]["size"] = bulk_size
         print(f"[{arch}/bulk] {results['bulk']}")
     results["record"] = rec
@@ -387,13 +386,20 @@ def _median_rate(rates: Iterable[float | None]) -> float:
     return statistics.median(measured) if measured else float("nan")
 
 
-def bench_bulk(root: Path, files: list[Path], plan: Plan, get_preds: float,
-               model_file: Path) -> dict[str, Any]:  # fmt: skip
-    """`multitag tag` and the fastai script on many photos of one size, alternating."""
-    runs, scripts = [], []
+def bench_bulk(root: Path, files: list[Path], plan: Plan, learn: Any, model_file: Path,
+               base_files: list[Path]) -> dict[str, Any]:  # fmt: skip
+    """`multitag tag`, the fastai script and get_preds (on `base_files`, a prefix of the
+    same photos) on many photos of one size, alternating: a bulk run takes minutes, and the
+    load of the machine's neighbours moves by +-25% over that time, so a get_preds rate
+    measured before the bulk runs would not share their conditions."""
+    runs, scripts, base_rates = [], [], []
     for i in range(plan.repeats):
         runs.append(run_multitag_tag(root, files[0].parent, f"bulk-{i}"))
         scripts.append(run_fastai_script(root, model_file, files[0].parent, f"bulk-{i}"))
+        t0 = time.perf_counter()
+        get_preds_probs(learn, base_files)
+        base_rates.append(len(base_files) / (time.perf_counter() - t0))
+    get_preds = statistics.median(base_rates)
     n = len(files)
     return {
         "n": n,
@@ -617,8 +623,9 @@ def report(results: list[dict], trained: dict | None, decode: dict[str, float], 
                             "shard phase vs forward ceiling; vs decode + forward limit",
                             "wall s per run", "peak RSS MiB"], bulk_rows))  # fmt: skip
         lines.append("")
-        lines.append(f"Median of {plan.repeats} `multitag tag` runs and {plan.repeats} fastai "
-                     "script runs (whole subprocesses, alternating) on one folder.")  # fmt: skip
+        lines.append(f"Median of {plan.repeats} `multitag tag` runs, {plan.repeats} fastai "
+                     "script runs (whole subprocesses) and get_preds on a prefix of the folder "
+                     "(in-process), alternating.")  # fmt: skip
     if alone := _alone_rows(results, decode, plan):
         lines += ["", ALONE_SECTION, "", alone]
     ceil_rows = [[r["arch"], *(f"{v:.1f}" for v in r["ceilings"].values())] for r in results]
