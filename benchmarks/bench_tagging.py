@@ -85,7 +85,6 @@ FULL = Plan({"voc": 800, "phone": 300}, {"voc": 160, "phone": 96}, 16, 3, 12, (4
             {"voc": 2000, "phone": 1000})  # fmt: skip
 QUICK = Plan({"voc": 400, "phone": 200}, {"voc": 64, "phone": 64}, 8, 3, 4, (2000, 1000),
              {"voc": 1000, "phone": 500})  # fmt: skip
-AGREEMENT_BAR = 0.995
 
 
 # ================================================================================ models
@@ -450,10 +449,12 @@ def bench_trained_agreement(plan: Plan, work: Path,
 
 def _agreement_verdict(flips: int, decisions: int) -> str:
     """The rate, its sample and whether it clears the bar beyond the sample's noise."""
+    from multitag.fastpath import DEFAULT_AGREEMENT_BAR as bar
+
     rate, low = 1.0 - flips / decisions, wilson_lower(decisions - flips, decisions)
-    if rate < AGREEMENT_BAR:
+    if rate < bar:
         verdict = "NOT met"
-    elif low >= AGREEMENT_BAR:
+    elif low >= bar:
         verdict = "met"
     else:
         verdict = "met, within the sample's noise of the bar"

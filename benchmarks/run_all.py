@@ -2,8 +2,8 @@
 
     python -m benchmarks.run_all [--quick] [--only tagging,memory,overhead,thresholds]
 
-Full: about 25-30 minutes on 2 shared cores (the fastai baselines are the slow part);
---quick: fewer images per run (still medians of 3 after a warm-up), about 17 minutes. The
+Full: about 27-32 minutes on 2 shared cores (the fastai baselines are the slow part);
+--quick: fewer images per run (still medians of 3 after a warm-up), about 18 minutes. The
 overhead benchmark runs its realistic case (`--voc --server`: 2,000 VOC-sized photos,
 resnet18, temporary and running Prefect server); its other cases are flags of its own.
 """
