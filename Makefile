@@ -14,7 +14,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 DEMO_HOME ?= $(CURDIR)/.demo
 
-.PHONY: demo test lint bench lock clean venv
+.PHONY: demo test lint bench soak lock clean venv
 
 venv: $(STAMP)
 
@@ -38,6 +38,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Reliability soak (issue 15): >= 5,000 images from a moto S3 server through the fault proxy,
+# a kill -9, two runs at once, a final rerun; then odd local files. Not part of `make test`.
+# SOAK_ARGS=--quick (300 images) checks the harness in a few minutes.
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak --images 5000 --append-results $(SOAK_ARGS)
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > requirements.txt.new && mv requirements.txt.new requirements.txt

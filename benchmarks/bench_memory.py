@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_memory [--quick] [--no-record]
 
-Each count is tagged by a fresh subprocess, both as the user runs it (`multitag tag`, Prefect
-included) and through the library (`tagging.tag_source`); the peak RSS is the child's
+Each count is tagged by a fresh subprocess, both as the user runs it (`multitag tag`) and as
+Python code calls it (`flows.tag.tag_images`, the same flow: there is one shard runner, with
+Prefect's own temporary server instead of the CLI's early one); the peak RSS is the child's
 ru_maxrss, taken from a small launcher (benchmarks/peak_rss.py: a child of this process
 would report this process's own high-water mark, ~1.2 GB after training the model).
 A small model (shapes_cnn, 32 px) and small JPEGs keep the run short: what could grow with
@@ -31,10 +32,12 @@ from benchmarks.common import (
 )
 
 SECTION = "## Memory: peak RSS vs image count"
+LIBRARY = "tag_images from Python"
 LIBRARY_RUN = (
     "import sys; from multitag.runtime import configure_cpu_runtime; configure_cpu_runtime(); "
-    "from multitag.config import TagParams; from multitag.tagging import tag_source; "
-    "s = tag_source(TagParams(source=sys.argv[1], out=sys.argv[2])); print(s.tagged, s.failed)"
+    "from multitag.config import TagParams; from flows.tag import tag_images; "
+    "s = tag_images(TagParams(source=sys.argv[1], out=sys.argv[2])); "
+    "print(s['tagged'], s['failed'])"
 )
 
 
@@ -78,14 +81,12 @@ def main(argv: list[str] | None = None) -> None:
         folders[n] = folder
     tag_library(root, folders[small], root / "out" / "warm")  # page cache
     rows, rss = [], {}
-    for how, fn in (("multitag tag", tag_cli), ("tagging.tag_source", tag_library)):
+    for how, fn in (("multitag tag", tag_cli), (LIBRARY, tag_library)):
         for n in (small, big):
             wall, peak = fn(root, folders[n], root / "out" / f"{how[:3]}-{n}")
             rss[(how, n)] = peak
             rows.append([how, f"{n:,}", peak, f"{wall:.1f}", f"{n / wall:.0f}"])
-    growth = {
-        h: rss[(h, big)] / rss[(h, small)] - 1 for h in ("multitag tag", "tagging.tag_source")
-    }
+    growth = {h: rss[(h, big)] / rss[(h, small)] - 1 for h in ("multitag tag", LIBRARY)}
     verdict = ", ".join(
         f"{h}: {g:+.1%} ({'met' if g <= 0.15 else 'NOT met'})" for h, g in growth.items()
     )

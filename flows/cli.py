@@ -99,6 +99,9 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
         "if it beats the current one. Exit 1 if the flow fails (e.g. a broken data contract).",
     )
     p.add_argument("--data", metavar="URL_OR_DIR", help="default: fastai URLs.PASCAL_2007")
+    p.add_argument(
+        "--data-sha256", metavar="HEX", help="sha256 of the archive, checked before extraction"
+    )
     p.add_argument("--arch", help="resnet18/34/50..., a timm name, or shapes_cnn")
     p.add_argument("--epochs", type=int)
     p.add_argument("--img-size", type=int)
@@ -143,6 +146,8 @@ def _retrain_params(args: argparse.Namespace):  # -> RetrainParams (lazy import)
     data: dict = {"train": train, "force_promote": args.force_promote, "home": args.home}
     if args.data:
         data["data"] = args.data
+    if args.data_sha256:
+        data["data_sha256"] = args.data_sha256
     if args.threshold_policy:
         data["thresholds"] = {"policy": args.threshold_policy}
     if args.fastpath_check_images is not None:
@@ -195,6 +200,20 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dask-address", help="tcp://host:8786 of a Dask scheduler")
     p.add_argument("--dask-local-workers", type=int, help="start a local Dask cluster")
     p.add_argument("--home", help="registry root (default MULTITAG_HOME)")
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        default=None,
+        help="tag again the images whose latest row is an error (after fixing the cause); "
+        "the new rows supersede them (column `attempt`)",
+    )
+    p.add_argument(
+        "--single-writer",
+        action="store_true",
+        default=None,
+        help="allow an output store that ignores conditional writes (If-None-Match): only "
+        "one run at a time may then write this output",
+    )
     p.set_defaults(func=_cmd_tag)
 
 
@@ -215,6 +234,8 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         "dask_address",
         "dask_local_workers",
         "home",
+        "retry_errors",
+        "single_writer",
     )
     try:
         params = TagParams.model_validate(
@@ -223,17 +244,21 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"multitag tag: bad parameters:\n{e}", file=sys.stderr)
         return EXIT_UNUSABLE
-    _prepare_runtime()
-    server = _start_server_early()
-    if not params.on_dask:
-        # The model loads here, while the temporary server boots on the other core; then a
-        # head start tags the first images while Prefect is imported and the flow starts
-        # (server boot, or with a configured server the flow engine's own start and its
-        # first API calls).
-        _prefetch(params)
-    from flows.tag import tag_images
+    _stop_on_sigterm()
+    try:
+        _prepare_runtime()
+        server = _start_server_early()
+        if not params.on_dask:
+            # The model loads here, while the temporary server boots on the other core; then
+            # a head start tags the first images while Prefect is imported and the flow
+            # starts (server boot, or with a configured server the flow engine's own start
+            # and its first API calls).
+            _prefetch(params)
+        from flows.tag import tag_images
 
-    s = _run_flow("tag", tag_images, params, server)
+        s = _run_flow("tag", tag_images, params, server)
+    except KeyboardInterrupt:
+        return _stopped("tag")
     if s is None:
         return EXIT_FAILED
     rate = f"{s['images_per_s']:.1f} images/s" if s["images_per_s"] else "nothing new to tag"
@@ -329,6 +354,52 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print_demo_summary(result)
     return EXIT_OK
+
+
+_EXIT_GRACE_S = 5.0  # after a stop, for threads to end and Prefect's logs to drain
+_terminated: list[int] = []  # the signal that stopped this process, if one did
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's cancel, `kill PID`) a prompt stop that keeps finished work.
+
+    The handler raises KeyboardInterrupt in the main thread, whatever it is doing (loading
+    the model, waiting for the server, or, after a running flow has stopped its shards and
+    recorded itself Crashed, see `flows.tag._shards_stop_on_sigterm`); the command then
+    ends through `_stopped`. A second SIGTERM ends the process at once.
+    """
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        _terminated.append(signum)
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _stopped(command: str) -> int:
+    """Report a stop by SIGTERM or Ctrl-C; the process then ends within _EXIT_GRACE_S.
+
+    Why the timer: Python joins every non-daemon thread at exit, and one stuck on a read (a
+    decode worker on a hung network read) would keep a stopped process alive. Finished
+    shards are already whole on disk; a temp file of one in progress is removed by the next
+    run, so ending without the rest of the clean-up loses nothing.
+    """
+    import os
+    import threading
+
+    code = 128 + (_terminated[0] if _terminated else 2)  # 143 for SIGTERM, 130 for Ctrl-C
+    print(
+        f"multitag {command}: stopped; finished shards are kept, rerun to tag the rest",
+        file=sys.stderr,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    timer = threading.Timer(_EXIT_GRACE_S, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
+    return code
 
 
 def _prepare_runtime() -> None:

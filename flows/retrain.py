@@ -35,7 +35,7 @@ def retrain(params: RetrainParams) -> dict[str, Any]:
     # Datasets are extracted where training reads them: on this worker's disk, even when the
     # registry root is an object store.
     data_home = home if is_local(home) else str(staging_root().parent)
-    dataset_dir = acquire_dataset(params.data, data_home)
+    dataset_dir = acquire_dataset(params.data, data_home, params.data_sha256)
     contract = validate_contract(dataset_dir, report_dir=f"{dataset_dir}/_reports")
     stage = train_model(dataset_dir, params.train)
     stage = select_thresholds(stage, params.thresholds)

@@ -9,17 +9,48 @@ server answered with a 503 (and a 2 s client retry) in 9 of 12 measured runs.
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from multitag import tagging
+from multitag import tagger, tagging
 from multitag.config import TagParams
 from tasks.tagging import plan_tagging, resolve_model, tag_shard, write_manifest
+
+
+class ShardsFailedError(RuntimeError):
+    """A shard failed after its retries; the run's finished shards and manifest are kept.
+
+    `__cause__` is the shard's own exception (e.g. the ConnectionError that outlasted them).
+    """
+
+
+class _NoWorkerThreadTimeoutWarning(logging.Filter):
+    """Drop Prefect's warning that a timeout cannot interrupt a task in a worker thread.
+
+    Why: Prefect delivers a sync task's timeout to its thread as an asynchronous exception,
+    which lands when the thread next runs Python code. A shard's waits are all bounded polls
+    (the decode pool in `Tagger._prepared_batches`, the head start's join, fsspec's loop), so
+    the timeout does interrupt it; the warning would repeat once per shard, i.e. per 1,000
+    images.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout of %s seconds configured for this task")
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoWorkerThreadTimeoutWarning())
 
 
 def dask_runner_for(params: TagParams) -> Any:
@@ -71,16 +102,21 @@ def _tag_all(
     progress = create_progress_artifact(
         progress=0.0, key="tagging-progress", description=f"shards of run {run_id}"
     )
+    shard_task = tag_shard.with_options(timeout_seconds=params.shard_timeout_s)
     t0 = time.perf_counter()
     todo = iter(plan.shards)
     limit = max_in_flight or max(len(plan.shards), 1)
     pending: set[Any] = set()
     results: list[tagging.ShardResult] = []
-    error: str | None = None
+    first_error: Exception | None = None
     done_images, total = 0, max(plan.n_pending, 1)
     while True:
-        while len(pending) < limit and (spec := next(todo, None)) is not None:
-            pending.add(tag_shard.submit(spec, params, run_id))
+        # After a shard failed for good (its retries spent), start no more: the cause (expired
+        # credentials, a broken model) would fail them too, each after its own retries.
+        while first_error is None and len(pending) < limit:
+            if (spec := next(todo, None)) is None:
+                break
+            pending.add(shard_task.submit(spec, params, run_id))
         if not pending:
             break
         fut = next(as_completed(pending))
@@ -88,19 +124,20 @@ def _tag_all(
         try:
             res = fut.result()
         except Exception as e:  # recorded in the manifest, re-raised after it is written
-            error = error or f"{type(e).__name__}: {e}"
+            first_error = first_error or e
             continue
         results.append(res)
         done_images += res.n_images
         pct = 100.0 * done_images / total
         update_progress_artifact(artifact_id=progress, progress=pct)
         _print_progress(done_images, plan.n_pending, time.perf_counter() - t0)
+    error = None if first_error is None else f"{type(first_error).__name__}: {first_error}"
     summary = write_manifest(plan, results, time.perf_counter() - t0, error)
-    if error:
-        raise RuntimeError(
+    if first_error is not None:
+        raise ShardsFailedError(
             f"{error} (finished shards are kept; rerun to tag the rest; "
             f"manifest {summary['manifest_uri']})"
-        )
+        ) from first_error
     logger.info(
         "tagged %s, failed %s, skipped %s -> %s",
         summary["tagged"],
@@ -121,6 +158,39 @@ def _print_progress(done: int, total: int, elapsed: float) -> None:
     sys.stderr.flush()
 
 
+@contextmanager
+def _shards_stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM stops the shards in progress first, then goes to Prefect's own handler.
+
+    Why: Prefect turns SIGTERM into a TerminationSignal in the flow's thread, marks the run
+    Crashed and re-sends the signal to the handler from before the run (the CLI's, or the
+    default: exit). But first it shuts its task thread pool down *waiting* for the running
+    tasks: a shard of a thousand images (or one stuck on a read) would hold a cancel for
+    minutes. `tagger.request_stop` makes them end within half a second, unwritten; finished
+    shards stay. Only in the main thread (where Python runs signal handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prefect_handler = signal.getsignal(signal.SIGTERM)
+
+    def stop_shards(signum: int, frame: FrameType | None) -> None:
+        tagger.request_stop()
+        if callable(prefect_handler):
+            prefect_handler(signum, frame)
+        elif prefect_handler != signal.SIG_IGN:  # the default action: end the process
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    tagger.clear_stop()
+    signal.signal(signal.SIGTERM, stop_shards)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is stop_shards and prefect_handler is not None:
+            signal.signal(signal.SIGTERM, prefect_handler)
+
+
 @flow(name="tag-images", flow_run_name=_tag_run_name, log_prints=True)
 def tag_images(params: TagParams) -> dict[str, Any]:
     """Tag every image under params.source exactly once per model version."""
@@ -131,7 +201,8 @@ def tag_images(params: TagParams) -> dict[str, Any]:
         runner = dask_runner_for(params)
         summary = tag_shards.with_options(task_runner=runner)(params, version, run_id)
     else:
-        summary = _tag_all(params, version, run_id, max_in_flight=params.max_concurrency)
+        with _shards_stop_on_sigterm():
+            summary = _tag_all(params, version, run_id, max_in_flight=params.max_concurrency)
     return {
         "run_id": summary["run_id"],
         "model_version": summary["model_version"],

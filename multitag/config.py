@@ -155,6 +155,11 @@ class RetrainParams(BaseModel):
         description="Dataset archive URL, local archive, or folder "
         "in the PASCAL_2007 layout (train/, train.csv).",
     )
+    data_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9A-Fa-f]{64}$",
+        description="sha256 of the dataset archive, checked before it is extracted.",
+    )
     train: TrainParams = Field(default_factory=TrainParams)
     thresholds: ThresholdParams = Field(default_factory=ThresholdParams)
     promote_metric: Literal["mAP", "accuracy_multi", "f1_micro", "f1_macro"] = "mAP"
@@ -218,11 +223,27 @@ class TagParams(BaseModel):
     max_concurrency: int = Field(
         1, ge=1, le=256, description="Shards tagged at once on this machine."
     )
+    shard_timeout_s: float = Field(
+        3600,
+        gt=0,
+        description="A shard task running longer fails (and is retried): one hung read "
+        "cannot stall a run. Generous: a 1,000-photo shard takes ~10-100 s.",
+    )
     dask_address: str | None = Field(None, description="Dask scheduler to fan shards out to.")
     dask_local_workers: int | None = Field(
         None, ge=1, le=256, description="Start a local Dask cluster."
     )
     home: str | None = Field(None, description="Registry root; default MULTITAG_HOME.")
+    retry_errors: bool = Field(
+        False,
+        description="Tag again the images whose latest row is an error (after fixing a "
+        "cause: permissions, a restored object); the new rows supersede them (`attempt`).",
+    )
+    single_writer: bool = Field(
+        False,
+        description="Run on a store that ignores conditional writes (If-None-Match): only "
+        "one run at a time may write this output; exactly once then relies on that.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     decode_workers: int | None = Field(
         None,
@@ -238,6 +259,12 @@ class TagParams(BaseModel):
         description="Images declaring more pixels "
         "become error rows (decompression-bomb guard); None: "
         "Pillow's own global limit only.",
+    )
+    max_bytes: int | None = Field(
+        100 * 2**20,  # = multitag.sources.DEFAULT_MAX_BYTES (camera photos are 3-40 MB)
+        ge=1,
+        description="Files larger than this many bytes become 'too_large' error rows, "
+        "decided from their size without reading them; None: no cap.",
     )
 
 

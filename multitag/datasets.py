@@ -1,23 +1,29 @@
 """Datasets in the fastai PASCAL_2007 layout: fetch them with `untar_data`, safely; pack them.
 
 Why not `untar_data` alone: it extracts with `shutil.unpack_archive`, which on Python 3.11
-applies no member filter (`../x`, `/etc/x` and links pointing out are written where they say),
-it trusts any folder that exists, it checksums only URLs on fastai's own list, and it names
-the folder after the archive file, so two URLs ending in `data.tgz` would share a folder.
+applies no member filter (`../x`, `/etc/x` and links pointing out are written where they say,
+setuid and world-writable bits are kept), puts no limit on what an archive expands to, and
+unpacks into the system temp folder, where a killed run leaves its half-written tree for good;
+it also trusts any folder that exists, checksums only URLs on fastai's own list, and names the
+folder after the archive file, so two URLs ending in `data.tgz` would share a folder.
 
-`acquire` keeps fastai's machinery and wraps it. `untar_data` is `FastDownload.get`: download,
-then extract. We run the download step ourselves on the same `FastDownload` object that
-`untar_data` builds (same urllib code, same fastai checksum list), check the archive is whole
-and safe before anything is extracted, then call `untar_data`, which finds the archive and
-extracts it into a staging folder next to the cache. Only a complete extraction with the
-expected layout is renamed into place, with a manifest (file sizes + archive sha256) that the
-next cache hit checks, so damage is noticed instead of trusted.
+`acquire` keeps fastai's download machinery (`FastDownload.download`, the step `untar_data`
+runs first: same urllib code, same fastai checksum list) and does the rest itself: the
+archive's sha256 (when pinned) is checked, then every member is checked (names, links, member
+types) against limits on total bytes, member count and compression ratio (`ArchiveLimits`)
+before anything is written; it is then extracted with tarfile's `data` filter (zip members
+get plain 0644/0755 modes) into a temp folder next to the cache, named
+`.tmp-<pid>-<host>-*` so a later run can tell a dead extractor's leftovers from a live one's.
+Only a complete extraction with the expected layout is renamed into place, with a manifest
+(file sizes + archive sha256) that the next cache hit checks, so damage is noticed instead of
+trusted.
 
 Cache layout under `<home>/datasets/` (local disks only):
     <stem>-<hash>/                 the dataset, what `acquire` returns (hash of the URL)
     .fastai/config.ini             fastdownload's config (paths are overridden on every call)
     .fastai/archives/<key>/        the kept archive, for repairs without a download
-    .fastai/staging/<key>/         temporary extraction, removed when done (or on the next call)
+    .fastai/staging/<key>/.tmp-<pid>-<host>-*/  temporary extraction, removed when done
+                                   (or by a later call once that pid is gone)
     .fastai/locks/<key>.lock       one acquire per dataset at a time
 """
 
@@ -32,6 +38,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import stat
 import tarfile
 import tempfile
@@ -57,6 +64,8 @@ if TYPE_CHECKING:  # re-exported lazily by __getattr__ below
 __all__ = [
     "MANIFEST_NAME",
     "SHAPE_CLASSES",
+    "ArchiveLimits",
+    "ArchiveTooLargeError",
     "DatasetError",
     "UnsafeArchiveError",
     "acquire",
@@ -95,6 +104,84 @@ class UnsafeArchiveError(DatasetError):
     def __init__(self, message: str, *, member: str) -> None:
         super().__init__(message, retryable=False)
         self.member = member
+
+
+class ArchiveTooLargeError(DatasetError):
+    """An archive would expand past `ArchiveLimits` (a decompression bomb, or a wrong URL)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What an archive may expand to; checked from its member list before anything is written.
+
+    Defaults: PASCAL_2007 is ~450 MB in ~10k files at a compression ratio of ~1 (JPEGs), so
+    these leave 40x headroom on size and members while a bomb (GBs of zeros in a few MB, or
+    millions of empty files) is refused. The ratio only applies past 1 MiB: small archives
+    cannot fill a disk. Override per call, or with MULTITAG_ARCHIVE_MAX_BYTES /
+    MULTITAG_ARCHIVE_MAX_MEMBERS / MULTITAG_ARCHIVE_MAX_RATIO.
+    """
+
+    max_bytes: int = 20 * 1024**3
+    max_members: int = 400_000
+    max_ratio: float = 100.0
+    ratio_floor_bytes: int = 1024**2
+
+    @classmethod
+    def from_env(cls) -> ArchiveLimits:
+        def read(name: str, default: float, kind: type) -> Any:
+            text = os.environ.get(name)
+            if not text:
+                return default
+            try:
+                value = kind(float(text))
+            except ValueError as e:
+                raise DatasetError(f"{name}={text!r} is not a number.") from e
+            if value <= 0:
+                raise DatasetError(f"{name}={text!r} must be positive.")
+            return value
+
+        d = cls()
+        return cls(
+            max_bytes=read("MULTITAG_ARCHIVE_MAX_BYTES", d.max_bytes, int),
+            max_members=read("MULTITAG_ARCHIVE_MAX_MEMBERS", d.max_members, int),
+            max_ratio=read("MULTITAG_ARCHIVE_MAX_RATIO", d.max_ratio, float),
+        )
+
+
+class _Budget:
+    """Running totals of a member scan; raises as soon as a limit is passed (so a bomb is
+    refused after reading past the limit, not after decompressing all of it)."""
+
+    def __init__(self, limits: ArchiveLimits, archive_bytes: int, where: str) -> None:
+        self.limits, self.archive_bytes, self.where = limits, max(archive_bytes, 1), where
+        self.members = 0
+        self.total = 0
+
+    def add(self, size: int) -> None:
+        self.members += 1
+        self.total += max(size, 0)
+        lim = self.limits
+        if self.members > lim.max_members:
+            self._refuse(f"has more than {lim.max_members:,} members", "MEMBERS")
+        if self.total > lim.max_bytes:
+            self._refuse(f"expands to more than {lim.max_bytes:,} bytes", "BYTES")
+        ratio = self.total / self.archive_bytes
+        if self.total > lim.ratio_floor_bytes and ratio > lim.max_ratio:
+            self._refuse(
+                f"expands {ratio:,.0f}x its size ({self.total:,} bytes from "
+                f"{self.archive_bytes:,}), over the limit of {lim.max_ratio:g}x",
+                "RATIO",
+            )
+
+    def _refuse(self, what: str, env: str) -> None:
+        raise ArchiveTooLargeError(
+            f"Refused archive from {self.where}: it {what} (a decompression bomb, or not the "
+            "dataset you meant). Nothing was extracted. If it is genuine, raise the limit with "
+            f"MULTITAG_ARCHIVE_MAX_{env} or `acquire(..., limits=ArchiveLimits(...))`."
+        )
 
 
 def __getattr__(name: str) -> Any:
@@ -200,20 +287,24 @@ class _Member:
     link: str = ""
 
 
-def check_archive(archive: Path, *, source: str | None = None) -> None:
-    """Refuse an archive that is incomplete, or that would write outside its folder.
+def check_archive(
+    archive: Path, *, source: str | None = None, limits: ArchiveLimits | None = None
+) -> None:
+    """Refuse an archive that is incomplete, too big, or that would write outside its folder.
 
     Runs before anything is extracted: every member is read (so a truncated download fails
-    here, not halfway through extraction) and every name and link target is checked, so the
-    error names the offending member rather than leaving a half-written tree to clean up.
+    here, not halfway through extraction), counted against `limits` (default
+    `ArchiveLimits.from_env()`), and every name and link target is checked, so the error names
+    the offending member rather than leaving a half-written tree to clean up.
     """
     where = source or str(archive)
+    budget = _Budget(limits or ArchiveLimits.from_env(), archive.stat().st_size, where)
     infos: list[tarfile.TarInfo] = []
     try:
         if _is_zip(archive):
-            members = _zip_members(archive)
+            members = _zip_members(archive, budget)
         else:
-            infos = _tar_infos(archive)
+            infos = _tar_infos(archive, budget)
             members = [_Member(i.name, _tar_kind(i), i.linkname) for i in infos]
     except DatasetError:
         raise
@@ -232,10 +323,15 @@ def _is_zip(archive: Path) -> bool:
     return archive.name.lower().endswith(".zip")
 
 
-def _tar_infos(archive: Path) -> list[tarfile.TarInfo]:
-    """Every member of a tar; iterating reads the whole (decompressed) stream."""
+def _tar_infos(archive: Path, budget: _Budget) -> list[tarfile.TarInfo]:
+    """Every member of a tar; iterating reads the whole (decompressed) stream, and stops at
+    the first member past the budget."""
+    out = []
     with tarfile.open(archive, "r:*") as tar:
-        return list(tar)
+        for info in tar:
+            budget.add(info.size if info.isreg() else 0)
+            out.append(info)
+    return out
 
 
 def _stdlib_second_opinion(infos: list[tarfile.TarInfo], where: str) -> None:
@@ -268,8 +364,10 @@ def _tar_kind(info: tarfile.TarInfo) -> str:
     return "other"
 
 
-def _zip_members(archive: Path) -> list[_Member]:
+def _zip_members(archive: Path, budget: _Budget) -> list[_Member]:
     with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():  # declared sizes first: testzip would inflate a bomb
+            budget.add(info.file_size)
         bad = zf.testzip()  # reads every member and checks its CRC
         if bad is not None:
             raise DatasetError(
@@ -424,19 +522,23 @@ def acquire(
     *,
     force: bool = False,
     sha256: str | None = None,
+    limits: ArchiveLimits | None = None,
 ) -> Path:
     """The folder of a PASCAL-layout dataset (train/, train.csv), fetched and cached if needed.
 
     `url`: http(s):// or file:// URL of an archive, a local archive path, or a local folder
     (checked for the layout and returned as it is). Archives are cached under
     `<home>/datasets/<stem>-<hash>`; `force` fetches and extracts again; `sha256` pins the
-    archive's checksum.
+    archive's checksum (checked before the archive is even opened); `limits` bounds what it
+    may expand to (default `ArchiveLimits.from_env()`).
     """
     source = _resolve_source(url)
     if isinstance(source, Path):
         return _check_layout(source, origin=os.fspath(url))
     expected = _normalise_sha256(sha256)
+    limits = limits or ArchiveLimits.from_env()
     cache = _Cache(_datasets_root(home), _cache_key(source.url))
+    _remove_dead_extractions(cache.base / "staging")
     with _locked(cache.lock):
         _remove_leftovers(cache)
         refetch = force
@@ -448,7 +550,7 @@ def acquire(
                 return cache.target
             log.warning("cached dataset %s %s; rebuilding it", cache.target, problem)
             refetch = stale or not _kept_archive_matches(cache, source.url, manifest)
-        return _install(source, cache, expected, refetch=refetch)
+        return _install(source, cache, expected, limits, refetch=refetch)
 
 
 def _resolve_source(url: str | os.PathLike[str]) -> _Source | Path:
@@ -541,6 +643,48 @@ def _remove_leftovers(cache: _Cache) -> None:
     if cache.archive_dir.is_dir():
         for part in cache.archive_dir.glob("*.part"):
             part.unlink()
+
+
+_TEMP_PREFIX = ".tmp-"  # the same `.tmp-<pid>-<host>-` naming as multitag.storage's temp files
+
+
+def _extraction_prefix() -> str:
+    return f"{_TEMP_PREFIX}{os.getpid()}-{socket.gethostname()}-"
+
+
+def _remove_dead_extractions(staging_root: Path, *, max_age_s: float = 86_400.0) -> list[Path]:
+    """Delete extraction folders of any dataset whose extractor was killed; returns them.
+
+    Why not only under the lock: a run killed while extracting one dataset would otherwise
+    leave up to the whole archive's size on disk until that same dataset is acquired again.
+    A folder is dead when its pid is gone on this host (or, from another host sharing the
+    cache, when it is older than `max_age_s`); a live extractor's folder is never touched.
+    """
+    removed: list[Path] = []
+    host, now = socket.gethostname(), datetime.now(UTC).timestamp()
+    for folder in staging_root.glob(f"*/{_TEMP_PREFIX}*"):
+        pid_text, _, rest = folder.name[len(_TEMP_PREFIX) :].partition("-")
+        owner_host = rest.rpartition("-")[0]
+        if not pid_text.isdigit() or not folder.is_dir() or folder.is_symlink():
+            continue
+        if owner_host == host:
+            dead = not _pid_alive(int(pid_text))
+        else:
+            dead = now - folder.stat().st_mtime >= max_age_s
+        if dead:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 # -------------------------------------------------------------------------- cache integrity
@@ -658,24 +802,26 @@ def _write_manifest(folder: Path, source: _Source, archive: Path, digest: str) -
 # ------------------------------------------------------------------ download, extract, publish
 
 
-def _install(source: _Source, cache: _Cache, expected: str | None, *, refetch: bool) -> Path:
-    """Download (unless kept), check, extract with untar_data into staging, then rename in."""
+def _install(
+    source: _Source, cache: _Cache, expected: str | None, limits: ArchiveLimits, *, refetch: bool
+) -> Path:
+    """Download (unless kept), check, extract into a temp folder, then rename into place."""
     archive = _download(source.url, cache, refetch=refetch)
     try:
-        check_archive(archive, source=source.url)
-        digest = _sha256_file(archive)
+        digest = _sha256_file(archive)  # first: a wrong archive is not even parsed
         if expected and digest != expected:
             raise DatasetError(
                 f"The archive from {source.url} has sha256 {digest}, expected {expected}. "
                 "It was discarded and nothing was extracted: check the URL and the checksum."
             )
+        check_archive(archive, source=source.url, limits=limits)
     except DatasetError:
         _discard_archive(cache)
         raise
     cache.staging_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="x", dir=cache.staging_dir))
+    staging = Path(tempfile.mkdtemp(prefix=_extraction_prefix(), dir=cache.staging_dir))
     try:
-        extracted = _extract_with_untar_data(source.url, cache, staging)
+        extracted = _extract(source.url, archive, staging)
         try:
             _check_layout(extracted, origin=source.url)
         except DatasetError:
@@ -754,19 +900,40 @@ def _discard_archive(cache: _Cache) -> None:
     shutil.rmtree(cache.archive_dir, ignore_errors=True)
 
 
-def _extract_with_untar_data(url: str, cache: _Cache, staging: Path) -> Path:
-    """untar_data finds the archive we checked and extracts it into `staging/<stem>`."""
-    from fastai.data.external import untar_data
+def _extract(url: str, archive: Path, staging: Path) -> Path:
+    """Extract a checked archive into `staging/<stem>`; the dataset folder inside it.
 
-    args = _fastdownload_args(cache, staging.relative_to(cache.base).as_posix())
+    fastai's layout rule (as `untar_data` applies it): an archive with one top item is that
+    item, otherwise the folder named after the archive. Tar members go through tarfile's
+    `data` filter (no setuid/setgid/sticky bits, no group/other write, no links out: the
+    scan already refused those, this is the stdlib's own guard on the write itself); zip
+    members are written with 0644 files and 0755 folders, whatever the archive recorded.
+    """
+    out = staging / _archive_stem(archive.name)
+    out.mkdir()
     try:
-        return Path(untar_data(url, **args))
-    except Exception as e:
+        if _is_zip(archive):
+            _extract_zip(archive, out)
+        else:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(out, filter="data")
+    except (*_READ_ERRORS, tarfile.FilterError) as e:
         raise DatasetError(
             f"Extracting the archive from {url} failed ({type(e).__name__}: {e}). Nothing was "
             "installed; retry, or pass force=True to download it again.",
             retryable=True,
         ) from e
+    children = list(out.iterdir())
+    return children[0] if len(children) == 1 and children[0].is_dir() else out
+
+
+def _extract_zip(archive: Path, out: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            path = Path(zf.extract(info, out))
+            path.chmod(0o755 if info.is_dir() else 0o644)
+    for folder, _, _ in os.walk(out):  # folders zipfile made on the way (umask modes)
+        os.chmod(folder, 0o755)
 
 
 def _publish(extracted: Path, target: Path, staging: Path) -> None:

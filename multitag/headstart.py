@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Small batches: a shard taking over waits for at most one (phone photos: ~0.2 s).
 BATCH = 16
+STOP_WAIT_S = 30.0  # a batch of 16 far slower than any decode: its read is stuck
 
 _started: dict[int, HeadStart] = {}  # by id(tagger): the one head start of each tagger
 _lock = threading.Lock()
@@ -60,9 +61,20 @@ class HeadStart:
             log.debug("head start stopped early (%s); its shard tags the rest", exc)
 
     def stop(self) -> None:
-        """Stop after the batch in progress; the rows computed so far stay available."""
+        """Stop after the batch in progress; the rows computed so far stay available.
+
+        Waits in short steps, so a shard task's timeout can land meanwhile (Prefect delivers
+        it as an asynchronous exception, see `multitag.tagger._polled_result`), and at most
+        STOP_WAIT_S: a head start stuck on a read is left behind (a daemon thread; it stops
+        after that batch) and its shard tags the images it has no rows for itself.
+        """
         self._stop.set()
-        self._thread.join()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._thread.join(0.25)
+        if self._thread.is_alive():
+            log.warning("head start still busy after %.0f s; its shard goes on without it",
+                        STOP_WAIT_S)  # fmt: skip
 
     def take(self, uris: Sequence[str]) -> tuple[dict[str, TagRow], float]:
         """Stop, then hand over (and forget) the rows of `uris` that are ready, with their

@@ -29,6 +29,7 @@ Choices (and why):
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import struct
@@ -58,6 +59,9 @@ WHITE = (255, 255, 255)
 # no format that needs external programs (EPS -> Ghostscript) or is not a picture (FITS, HDF5).
 # (MPO camera files open through the JPEG plugin.)
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "AVIF")
+# What a listing counts as an image: the formats above plus MPO, by Pillow's own registry of
+# extensions, so listing and decoding never disagree (an .mpo was once silently left out).
+_LISTED_FORMATS = (*ALLOWED_FORMATS, "MPO")
 
 # Exceptions Pillow's decoders raise on malformed input (seen in its fuzzing reports): these
 # mean "this file is broken", not "the program is broken", so they become error rows.
@@ -105,6 +109,18 @@ class DecodedImage:
     height: int  # original height after EXIF rotation
     format: str  # Pillow format name of the file (JPEG, PNG ...)
     mode: str  # Pillow mode of the file before conversion to RGB
+
+
+@functools.lru_cache(maxsize=1)
+def decodable_extensions() -> frozenset[str]:
+    """Extensions (lower case, with the dot) of the files `decode_image` reads.
+
+    A function, not a constant: Pillow registers its plugins' extensions in `Image.init()`
+    (37 ms), which should not run at import.
+    """
+    Image.init()
+    registered = Image.registered_extensions()
+    return frozenset(ext.lower() for ext, fmt in registered.items() if fmt in _LISTED_FORMATS)
 
 
 def decode_image(

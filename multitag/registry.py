@@ -13,21 +13,37 @@ Layout under `<home>/models/` (home: a local folder, `memory://...`, `s3://bucke
       model.pt2                model.pt2 is the torch.export program a bf16 run uses
     <version>/SHA256SUMS       `<hex>  <name>` per file (sha256sum format), written LAST: its
                                presence is what marks a version complete
-    champion.json              {"version", "sha256", "metric", "value", "promoted_at", ...}
-    _decisions/<version>/<time>-<id>.json   every promotion decision, promoted or not
+    champion.json              the readable champion pointer: a copy of the newest
+                               generation record below (tagging and `models list` read it)
+    _champion/gen-<n>.json     the promotion chain: generation n's record (version, sha256,
+                               metric, value, previous, the decision), created exclusively
+    _decisions/<version>/<time>-<id>.json   decisions that did NOT promote (the promoted ones
+                               are the chain records; `list_decisions` shows both)
 
 Why decisions live outside the version folder: a version is immutable once written (SHA256SUMS
 covers every file in it, and an unlisted file fails verification), while one version can be
-judged many times. `champion.json` is the only file that is ever replaced.
+judged many times.
 
 Concurrency: registering is safe against a concurrent register of the same version id (every
-file is an exclusive create). Two promotions racing each other are not serialised: the last
-`champion.json` write wins, and both decisions are recorded.
+file is an exclusive create). Promotion is a compare-and-swap on the chain: a promoter reads
+the newest generation n, judges its candidate against that champion, and claims generation
+n+1 with an exclusive create (`O_EXCL`-style link locally, `If-None-Match: *` on S3). Of two
+promoters that read the same n, exactly one creates n+1; the other re-reads the chain and
+judges again against the new champion, so the better model ends up champion and a decision
+is recorded as promoted only when its swap won. Why a chain of exclusive creates and not an
+ETag `If-Match` on champion.json: exclusive create is the one conditional write that both the
+local disk and every S3 store this project supports already honour (and that the run-start
+probe checks), whereas If-Match has no local-disk equivalent and S3-compatible stores vary;
+one code path for both keeps the two from drifting, and the chain doubles as an audit trail.
+champion.json is written after the chain step and re-pointed by whoever notices it is behind,
+so readers that see a stale pointer (a promoter killed in between) are corrected by the
+chain: `get_champion` follows generations past the pointer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -65,7 +81,9 @@ FASTPATH_FILE = "fastpath.json"  # multitag.fastpath's export-time record (optio
 # `load_metadata`.
 _LAZY_SUFFIXES = (".onnx", ".pt2")
 CHAMPION_FILE = "champion.json"
+CHAIN_DIR = "_champion"
 DECISIONS_DIR = "_decisions"
+_GEN_RE = re.compile(r"^gen-(\d{9,})\.json$")
 
 REQUIRED_FILES = (MODEL_FILE, VERSION_FILE, THRESHOLDS_FILE, METRICS_FILE, INFERENCE_FILE)
 _REGISTRY_OWNED = frozenset({*REQUIRED_FILES, SUMS_FILE})
@@ -128,6 +146,10 @@ class PromotionDecision:
     champion_version: str | None
     forced: bool
     decided_at: str
+    # The chain generation this promotion created (None when not promoted), and how many
+    # times its compare-and-swap lost to a concurrent promotion before this decision.
+    generation: int | None = None
+    lost_swaps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -497,18 +519,92 @@ def _read_verified(vdir: str, version: str, name: str, sums: Mapping[str, str]) 
 
 
 def get_champion(home: str | None) -> dict[str, Any] | None:
-    """champion.json, or None before the first promotion."""
-    uri = join(models_uri(home), CHAMPION_FILE)
-    if not exists(uri):
+    """The current champion's record, or None before the first promotion.
+
+    champion.json is read first; a promotion chain that has moved past it (its writer was
+    killed, or is about to re-point it) is followed to the newest generation. A champion.json
+    that disagrees with the chain record of its own generation was altered: IntegrityError.
+    """
+    return _chain_head(home).record
+
+
+def check_champion_pointer(home: str | None, champion: Mapping[str, Any]) -> dict[str, str]:
+    """The champion version's SHA256SUMS, after checking the pointer's model sha256 against it.
+
+    Why a separate step: tagging resolves the champion once and then loads that version by
+    its id; without this check a pointer naming other bytes than the version holds would go
+    unnoticed on that path. Hashing the files themselves is the loader's job.
+    """
+    version = str(champion["version"])
+    sums = _read_sums(version_uri(home, version), version)
+    if champion["sha256"] != sums[MODEL_FILE]:
+        raise IntegrityError(
+            f"champion.json names {version} with model.pkl sha256 {champion['sha256']}, but its "
+            f"{SUMS_FILE} says {sums[MODEL_FILE]}; the pointer does not describe that version, "
+            "so it was not used. Run `multitag models promote VERSION` to repair it."
+        )
+    return sums
+
+
+@dataclass(frozen=True)
+class _Head:
+    generation: int  # 0: no chain yet (no champion, or a champion.json from before the chain)
+    record: dict[str, Any] | None
+
+
+def _chain_uri(home: str | None, generation: int) -> str:
+    return join(models_uri(home), CHAIN_DIR, f"gen-{generation:09d}.json")
+
+
+def _read_if_present(uri: str) -> bytes | None:
+    # cat_file asks the store every time: s3fs answers exists()/info() from a cached parent
+    # listing, which would hide a generation created after that listing.
+    fs, path = fs_and_path(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
         return None
-    champion = _loads(read_bytes(uri), uri)
-    if not isinstance(champion, dict) or not all(
-        isinstance(champion.get(key), str) for key in ("version", "sha256")
+
+
+def _checked_pointer(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict) or not all(
+        isinstance(record.get(key), str) for key in ("version", "sha256")
     ):
         raise RegistryError(
-            f"{uri} lacks 'version' or 'sha256'; promote a version again to repair it"
+            f"{where} lacks 'version' or 'sha256'; promote a version again to repair it"
         )
-    return champion
+    return record
+
+
+def _read_generation(home: str | None, generation: int) -> dict[str, Any] | None:
+    uri = _chain_uri(home, generation)
+    data = _read_if_present(uri)
+    if data is None:
+        return None
+    record = _checked_pointer(_loads(data, uri), uri)
+    if record.get("generation") != generation:
+        raise IntegrityError(f"{uri} records generation {record.get('generation')!r}")
+    return record
+
+
+def _chain_head(home: str | None) -> _Head:
+    """The newest generation: champion.json's, then forward while a next one exists."""
+    uri = join(models_uri(home), CHAMPION_FILE)
+    data = _read_if_present(uri)
+    pointer = None if data is None else _checked_pointer(_loads(data, uri), uri)
+    generation = int(pointer.get("generation") or 0) if pointer else 0
+    record = pointer
+    if pointer is not None and generation > 0:
+        stored = _read_generation(home, generation)
+        if stored is None or stored != pointer:
+            raise IntegrityError(
+                f"{uri} does not match the promotion record of its generation {generation} "
+                f"({_chain_uri(home, generation)}): champion.json was altered after promotion, "
+                "so it was not used. Run `multitag models promote VERSION` to repair it."
+            )
+    while (newer := _read_generation(home, generation + 1)) is not None:
+        generation, record = generation + 1, newer
+    return _Head(generation, record)
 
 
 def list_versions(home: str | None) -> list[dict[str, Any]]:
@@ -623,18 +719,44 @@ def _listed_sums(vdir: str) -> dict[str, str]:
 
 
 def list_decisions(home: str | None, version: str | None = None) -> list[dict[str, Any]]:
-    """Recorded promotion decisions (for one version or all), oldest first."""
-    root = join(models_uri(home), DECISIONS_DIR)
+    """Recorded promotion decisions (for one version or all), oldest first.
+
+    Promotions come from the chain (each generation's record holds its decision), the rest
+    from `_decisions/`: the log of promotions is the chain itself, so it always agrees with
+    the pointer, even when a promoter was killed right after its swap.
+    """
     if version is not None:
         _check_version_id(version)
+    root = join(models_uri(home), DECISIONS_DIR)
+    if version is not None:
         root = join(root, version)
+    decisions = [_loads(read_bytes(u), u) for u in _json_files(root)]
+    for record in _chain_records(home):
+        decision = record.get("decision")
+        if isinstance(decision, dict) and version in (None, decision.get("version")):
+            decisions.append(decision)
+    return sorted(decisions, key=lambda d: (d.get("decided_at") or "", d.get("version") or ""))
+
+
+def _json_files(root: str) -> list[str]:
     fs, path = fs_and_path(root)
     try:
         found = sorted(p for p in fs.find(path) if p.endswith(".json"))
     except FileNotFoundError:
         return []
-    decisions = [_loads(read_bytes(unstrip(fs, p)), p) for p in found]
-    return sorted(decisions, key=lambda d: (d.get("decided_at") or "", d.get("version") or ""))
+    finally:
+        fs.invalidate_cache(path)  # a cached listing must not hide later writes (see above)
+    return [unstrip(fs, p) for p in found]
+
+
+def _chain_records(home: str | None) -> list[dict[str, Any]]:
+    """Every generation record, oldest first."""
+    found = []
+    for uri in _json_files(join(models_uri(home), CHAIN_DIR)):
+        match = _GEN_RE.match(posixpath.basename(uri))
+        if match:
+            found.append((int(match.group(1)), _loads(read_bytes(uri), uri)))
+    return [record for _, record in sorted(found, key=lambda item: item[0])]
 
 
 # ------------------------------------------------------------------------------- promote
@@ -657,7 +779,10 @@ def promote_if_better(
     champion's (higher is better; a tie keeps the champion), or there is no champion, or force.
 
     The candidate is fully verified first (every sha256); a champion that no longer verifies
-    loses to any verified candidate. The decision is recorded whether or not it promotes.
+    loses to any verified candidate. The judgement and the swap are one compare-and-swap on
+    the promotion chain (see the module docstring): a swap lost to a concurrent promotion is
+    judged again against the champion that won, so the decision recorded is always against
+    the champion the pointer actually moved from. Recorded whether or not it promotes.
     """
     if "loss" in metric.lower():
         raise RegistryError(f"the gate compares higher-is-better metrics; {metric!r} is a loss")
@@ -670,53 +795,84 @@ def promote_if_better(
         if not force:
             raise
         candidate = None
-
-    champion = get_champion(home)
-    champ_version = champion["version"] if champion else None
-    champ_value: float | None = None
-    if champion is None:
-        promoted, reason = True, "no champion yet"
-    elif champ_version == version:
-        promoted, reason = False, f"{version} is already the champion"
-    else:
-        try:
-            champ_value = _champion_value(home, champ_version, metric)
-        except (IntegrityError, VersionNotFoundError) as exc:
-            promoted, reason = True, f"champion {champ_version} no longer verifies ({exc})"
-        except RegistryError:
-            if not force:
-                raise
-            promoted, reason = True, f"forced; champion {champ_version} has no {metric!r}"
-        else:
-            promoted, reason = _judge(candidate, champ_value, metric, champ_version, force)
-
-    decided = _now()
-    if promoted:
-        write_json_atomic(
-            join(models_uri(home), CHAMPION_FILE),
-            {
-                "version": version,
-                "sha256": sums[MODEL_FILE],
-                "metric": metric,
-                "value": candidate,
-                "promoted_at": _iso(decided),
-                "forced": force,
-                "previous": champ_version,
-            },
+    lost = 0
+    while True:
+        head = _chain_head(home)
+        promoted, reason, champ_version, champ_value = _gate(
+            home, head.record, version, candidate, metric, force
         )
-    decision = PromotionDecision(
-        promoted,
-        reason,
-        version,
-        metric,
-        candidate,
-        champ_value,
-        champ_version,
-        force,
-        _iso(decided),
-    )
-    _record_decision(home, decision, decided)
-    return decision
+        decided = _now()
+        decision = PromotionDecision(
+            promoted, reason, version, metric, candidate, champ_value, champ_version, force,
+            _iso(decided), head.generation + 1 if promoted else None, lost,
+        )  # fmt: skip
+        if not promoted:
+            _record_decision(home, decision, decided)
+            return decision
+        record = {
+            "version": version,
+            "sha256": sums[MODEL_FILE],
+            "metric": metric,
+            "value": candidate,
+            "promoted_at": _iso(decided),
+            "forced": force,
+            "previous": champ_version,
+            "generation": head.generation + 1,
+            "decision": decision.to_dict(),
+        }
+        try:
+            write_json_atomic(_chain_uri(home, head.generation + 1), record, exclusive=True)
+        except FileExistsError:
+            # A retried PUT whose first attempt landed (lost response) finds its own record.
+            if _read_generation(home, head.generation + 1) != json.loads(_json_bytes(record)):
+                lost += 1  # another promotion took this generation: judge again against it
+                continue
+        _point_champion(home, head.generation + 1, record)
+        return decision
+
+
+def _gate(
+    home: str | None,
+    champion: Mapping[str, Any] | None,
+    version: str,
+    candidate: float | None,
+    metric: str,
+    force: bool,
+) -> tuple[bool, str, str | None, float | None]:
+    """(promote?, why, champion version, champion value) against this champion record."""
+    if champion is None:
+        return True, "no champion yet", None, None
+    champ_version = str(champion["version"])
+    if champ_version == version:
+        return False, f"{version} is already the champion", champ_version, None
+    try:
+        champ_value = _champion_value(home, champ_version, metric)
+    except (IntegrityError, VersionNotFoundError) as exc:
+        return True, f"champion {champ_version} no longer verifies ({exc})", champ_version, None
+    except RegistryError:
+        if not force:
+            raise
+        return True, f"forced; champion {champ_version} has no {metric!r}", champ_version, None
+    promoted, reason = _judge(candidate, champ_value, metric, champ_version, force)
+    return promoted, reason, champ_version, champ_value
+
+
+def _point_champion(home: str | None, generation: int, record: dict[str, Any]) -> None:
+    """Write champion.json, then re-point it while the chain has moved past what was written.
+
+    Why the loop: two winners of consecutive generations may write the pointer in either
+    order. Each re-checks the chain after its own write, so the last writer always leaves the
+    newest generation (a kill in between leaves a stale pointer, which readers step past).
+    """
+    uri = join(models_uri(home), CHAMPION_FILE)
+    while True:
+        write_json_atomic(uri, record)
+        newer = _read_generation(home, generation + 1)
+        if newer is None:
+            return
+        generation, record = generation + 1, newer
+        while (later := _read_generation(home, generation + 1)) is not None:
+            generation, record = generation + 1, later
 
 
 def _judge(
@@ -769,16 +925,11 @@ def load_metadata(home: str | None = None, version: str | None = None) -> ModelM
                 "to train and promote one, or `multitag models promote VERSION` for an existing "
                 "version (`multitag models list` shows them)"
             )
-        version, expected_model_sha = champion["version"], champion["sha256"]
+        version = str(champion["version"])
+        sums = check_champion_pointer(home, champion)
     else:
-        expected_model_sha = None
+        sums = _read_sums(version_uri(home, version), version)
     vdir = version_uri(home, version)
-    sums = _read_sums(vdir, version)
-    if expected_model_sha is not None and expected_model_sha != sums[MODEL_FILE]:
-        raise IntegrityError(
-            f"champion.json names {version} with model.pkl sha256 {expected_model_sha}, but its "
-            f"{SUMS_FILE} says {sums[MODEL_FILE]}; promote a version again to repair the pointer"
-        )
     blobs = {
         n: _read_verified(vdir, version, n, sums)
         for n in sorted(sums)
@@ -824,18 +975,18 @@ def load_model(home: str | None = None, version: str | None = None) -> LoadedMod
 
 
 def unpickle_model(meta: ModelMetadata) -> LoadedModel:
-    """Unpickle the model file of a `load_metadata` result, hashing it once more first.
+    """Unpickle the model file of a `load_metadata` result from the very bytes just hashed.
 
-    Re-hashed because the metadata may be older than this call (~0.1 s for resnet50): what is
-    unpickled is always what was just checked against the version's SHA256SUMS.
+    The file is read once into memory, hashed, and those bytes are what is unpickled (from a
+    BytesIO): nothing re-opens the path after the check, so a file swapped between the hash
+    and the load can never be unpickled. Re-hashed because the metadata may be older than this
+    call (~0.1 s for resnet50).
     """
     from multitag.training import load_learner_file
 
-    with meta.model_path.open("rb") as f:
-        actual = _sha256_stream(f)
-    if actual != meta.sha256:
-        raise _mismatch(meta.version, MODEL_FILE, meta.sha256, actual)
-    learner = load_learner_file(meta.model_path)
+    data = meta.model_path.read_bytes()
+    _check_sha(meta.version, MODEL_FILE, data, meta.sha256)
+    learner = load_learner_file(io.BytesIO(data))
     return LoadedModel(
         meta.version, learner, meta.thresholds, meta.metrics, meta.inference, meta.sha256,
         meta.model_path,

@@ -8,6 +8,8 @@ arrays. The folder is local to the worker that trains; only `register_stage` wri
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from multitag.config import ThresholdParams, TrainParams
+from multitag.storage import write_bytes_atomic
 
 STAGE_MODEL = "model.pkl"
 STAGE_TRAIN = "train.json"
@@ -29,8 +32,24 @@ STAGE_EVALUATION = "evaluation.json"
 log = logging.getLogger(__name__)
 
 
+class StageIntegrityError(RuntimeError):
+    """A staged file no longer matches the sha256 recorded when it was written."""
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    """Whole or not at all (temp file + rename): a kill never leaves half a stage file."""
+    data = (json.dumps(obj, indent=2, default=_json_default) + "\n").encode("utf-8")
+    write_bytes_atomic(str(path), data)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(str(path), buf.getvalue())
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _json_default(obj: Any) -> Any:
@@ -90,17 +109,18 @@ def train_stage(
 
     dataset_dir, stage = Path(dataset_dir), Path(stage_dir)
     stage.mkdir(parents=True, exist_ok=True)
+    (stage / STAGE_TRAIN).unlink(missing_ok=True)  # written last: until then, not reusable
     # One parse of train.csv, by the contract's rules (is_valid spellings come from its YAML);
     # the images were already checked by the validate step, so they are not opened again.
     table = contracts.validate_dataset(dataset_dir, check_images=False).table
     result = training.train(dataset_dir, params, on_epoch=on_epoch, table=table)
     probs, targets = training.predict_validation(result.learner)
-    np.savez(stage / STAGE_VALID, probs=probs, targets=targets)
+    _save_npz(stage / STAGE_VALID, probs=probs, targets=targets)
     test = _read_test_labels(dataset_dir, result.vocab)
     if test is not None:
         test_probs = training.predict_files(result.learner, test[0])
-        np.savez(stage / STAGE_TEST, probs=test_probs, targets=test[1])
-    training.export_learner(result.learner, stage / STAGE_MODEL, thresholds=0.5)
+        _save_npz(stage / STAGE_TEST, probs=test_probs, targets=test[1])
+    training.export_learner(result.learner, stage / STAGE_MODEL, thresholds=0.5)  # atomic
     summary = {
         "vocab": result.vocab,
         "history": result.history,
@@ -112,6 +132,12 @@ def train_stage(
         "prevalence": label_prevalence(table, result.vocab),
         "inference": training.inference_spec(result.learner),
         "has_test_set": test is not None,
+        # What a later run reusing this stage checks before it trusts (and unpickles) it.
+        "sha256": {
+            name: _sha256_file(stage / name)
+            for name in (STAGE_MODEL, STAGE_VALID, STAGE_TEST)
+            if (stage / name).exists()
+        },
     }
     _write_json(stage / STAGE_TRAIN, summary)
     return summary
@@ -190,9 +216,9 @@ def register_stage(
     train_info = read_stage_json(stage, STAGE_TRAIN)
     thresholds = read_stage_json(stage, STAGE_THRESHOLDS)
     evaluation = read_stage_json(stage, STAGE_EVALUATION)
-    # The provisional model.pkl was written by train_stage in this same run (not from storage),
-    # so unpickling it here is as safe as holding the learner in memory.
-    learner = training.load_learner_file(stage / STAGE_MODEL)
+    # The provisional model.pkl may come from an earlier run (a reused stage): what is
+    # unpickled is the bytes just checked against the sha256 train_stage recorded.
+    learner = training.load_learner_file(io.BytesIO(_verified_stage_bytes(stage, STAGE_MODEL)))
     final = stage / "final"
     final.mkdir(exist_ok=True)
     ts = ThresholdSet.from_json(thresholds)
@@ -320,9 +346,43 @@ def stage_key(dataset_dir: str | Path, params: TrainParams) -> str:
     return h.hexdigest()[:20]
 
 
-def stage_complete(stage_dir: str | Path) -> bool:
+def stage_problem(stage_dir: str | Path) -> str | None:
+    """Why a finished-looking stage cannot be reused (None: it can).
+
+    Why hash: a reused stage's model.pkl is unpickled by `register_stage`, and the staging
+    folder is plain local disk; a file changed since train_stage recorded its sha256 (or a
+    stage from before sha256s were recorded) is trained again rather than trusted.
+    """
     stage = Path(stage_dir)
-    return all((stage / n).exists() for n in (STAGE_MODEL, STAGE_TRAIN, STAGE_VALID))
+    if missing := [n for n in (STAGE_MODEL, STAGE_TRAIN, STAGE_VALID) if not (stage / n).exists()]:
+        return f"unfinished ({', '.join(missing)} missing)"
+    try:
+        for name in read_stage_json(stage, STAGE_TRAIN).get("sha256") or {STAGE_MODEL: None}:
+            _verified_stage_bytes(stage, name)
+    except (StageIntegrityError, ValueError, OSError, AttributeError) as exc:
+        return str(exc)
+    return None
+
+
+def stage_complete(stage_dir: str | Path) -> bool:
+    return stage_problem(stage_dir) is None
+
+
+def _verified_stage_bytes(stage: Path, name: str) -> bytes:
+    """A staged file's bytes, read once and checked against train.json's sha256 for it."""
+    expected = (read_stage_json(stage, STAGE_TRAIN).get("sha256") or {}).get(name)
+    if not expected:
+        raise StageIntegrityError(
+            f"{stage / STAGE_TRAIN} records no sha256 for {name}; the stage cannot be trusted"
+        )
+    data = (stage / name).read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise StageIntegrityError(
+            f"staged {name} in {stage} has sha256 {actual}, but train.json recorded {expected}: "
+            "it changed after training, so it is not used"
+        )
+    return data
 
 
 def staging_root() -> Path:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import random
+import secrets
 import socket
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -81,10 +84,120 @@ def write_bytes_atomic(uri: str, data: bytes, *, exclusive: bool = False) -> Non
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if exclusive:
-        with fs.open(path, "xb") as f:
-            f.write(data)
+        _create_exclusive(fs, path, data)
     else:
         fs.pipe_file(path, data)
+
+
+# Seconds to wait before each retry of a conditional create that S3 answered with 409
+# ConditionalRequestConflict (two conditional writes of one key overlapped; S3's documented
+# answer is "retry"). A retry then either creates the object or gets 412 -> FileExistsError.
+CONFLICT_RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+
+def _create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """One PUT with `If-None-Match: *` (s3fs mode "x"), retried only on a 409 conflict."""
+    if not data:
+        # s3fs commits an empty file with a plain touch(), without the condition.
+        raise ValueError(f"an exclusive create of {path} needs at least one byte")
+    for delay in (*CONFLICT_RETRY_DELAYS_S, None):
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+            return
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if delay is None or not is_conditional_conflict(exc):
+                raise
+            time.sleep(delay * (1.0 + random.random()))  # jitter: racers do not meet again
+
+
+def is_conditional_conflict(exc: BaseException) -> bool:
+    """S3's 409 `ConditionalRequestConflict`: a conditional write raced another; retry it.
+
+    s3fs has no mapping for this code and raises a plain `OSError(EIO)` whose `__cause__`
+    is botocore's `ClientError`; its `response` names the code and the HTTP status.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code == "ConditionalRequestConflict" or (code is None and status == 409):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def remove(uri: str) -> None:
+    """Delete one file or object; a missing one is not an error (someone removed it first)."""
+    fs, path = fs_and_path(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        return
+
+
+def store_description(uri: str) -> str:
+    """Where `uri` really lives, for messages: the local disk, or the object store's endpoint.
+
+    Why the endpoint: two stores can share a bucket name; the endpoint is what an operator
+    changes (AWS_ENDPOINT_URL, a proxy) and what decides whether conditional writes work.
+    """
+    fs, path = fs_and_path(uri)
+    if is_local_fs(fs):
+        return f"local disk ({path})"
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    endpoint = getattr(fs, "endpoint_url", None)
+    client = getattr(fs, "s3", None) if proto in ("s3", "s3a") else None
+    meta = getattr(client, "meta", None)
+    endpoint = endpoint or getattr(meta, "endpoint_url", None) or "its default endpoint"
+    bucket = path.split("/", 1)[0]
+    return f"{proto}://{bucket} at {endpoint}"
+
+
+PROBE_DIR = "_probe"
+_probe_lock = threading.Lock()
+_exclusive_create_honoured: dict[tuple[str, str], bool] = {}
+
+
+def honours_exclusive_create(root_uri: str) -> bool:
+    """Whether the store under `root_uri` refuses a second exclusive create of one key.
+
+    Why probe: exactly-once rests on `If-None-Match: *`, and some S3-compatible stores
+    accept the header and overwrite anyway (s3fs documents mode "x" as known to work on AWS
+    only). The probe creates one fresh key twice and deletes it: the second create must
+    raise FileExistsError. Three requests per (root, endpoint) and process: the answer is
+    cached. The local disk always honours it (link(2) fails on an existing name).
+    """
+    fs, _ = fs_and_path(root_uri)
+    if is_local_fs(fs):
+        return True
+    key = (root_uri.rstrip("/"), store_description(root_uri))
+    with _probe_lock:
+        if key in _exclusive_create_honoured:
+            return _exclusive_create_honoured[key]
+        honoured = _probe_exclusive_create(root_uri)
+        _exclusive_create_honoured[key] = honoured
+        return honoured
+
+
+def _probe_exclusive_create(root_uri: str) -> bool:
+    probe = join(root_uri, PROBE_DIR, f"{time.time_ns()}-{secrets.token_hex(8)}.probe")
+    try:
+        write_bytes_atomic(probe, b"first", exclusive=True)
+        write_bytes_atomic(probe, b"second", exclusive=True)
+    except FileExistsError:
+        # The second create was refused; or the first one's response was lost and its
+        # retry refused, which also proves the store checks the condition (the key is new).
+        return True
+    finally:
+        remove(probe)
+    return False
 
 
 def _write_local_atomic(path: str, data: bytes, *, exclusive: bool) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,7 +28,13 @@ from multitag.imaging import (
     ImageDecodeError,
     decode_image,
 )
-from multitag.sources import TaggingError, list_images, read_error_reason, read_many
+from multitag.sources import (
+    DEFAULT_MAX_BYTES,
+    TaggingError,
+    list_images,
+    read_error_reason,
+    read_many,
+)
 
 if TYPE_CHECKING:
     from multitag.thresholds import ThresholdSet
@@ -224,6 +231,44 @@ class _Prepared:
     seconds: float
 
 
+_POLL_S = 0.5
+_stop = threading.Event()
+
+
+class StopRequested(Exception):
+    """This process was asked to stop (SIGTERM): the batch in progress is abandoned."""
+
+
+def request_stop() -> None:
+    """Make every `Tagger.tag` in this process raise StopRequested within `_POLL_S`.
+
+    Why: a run sent SIGTERM must end within seconds, and the shard in progress (a thousand
+    images, or one read that hangs) would otherwise hold it until done. Its rows are not
+    written; a rerun tags them.
+    """
+    _stop.set()
+
+
+def clear_stop() -> None:
+    """Allow tagging again (a new run in a process that stopped one)."""
+    _stop.clear()
+
+
+def _polled_result(fut: Future[_Prepared]) -> _Prepared:
+    """`fut.result()`, waited for in short steps, unless a stop is requested.
+
+    Why: Prefect delivers a task's timeout (and a cancel) to a worker thread as an
+    asynchronous exception, which lands only when that thread runs Python code; one long
+    C-level wait on a hung read would never see it, nor `request_stop`.
+    """
+    while True:
+        if _stop.is_set():
+            raise StopRequested("tagging stopped on request (SIGTERM); rerun to tag the rest")
+        if fut.done():
+            return fut.result()
+        wait((fut,), timeout=_POLL_S)
+
+
 class Tagger:
     """A model ready to tag: scorer, input spec, thresholds, and the decode pipeline.
 
@@ -243,6 +288,7 @@ class Tagger:
         batch_size: int = 64,
         decode_workers: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         background: tuple[int, int, int] = WHITE,
         draft: bool = True,
     ) -> None:
@@ -261,6 +307,7 @@ class Tagger:
         self.batch_size = batch_size
         self.decode_workers = decode_workers or default_decode_workers()
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes  # files over it are error rows, never read (sources)
         self.background = background
         self.draft = draft  # reduced-scale JPEG decoding (imaging.decode_image)
         # [fastpath] which scorer runs and why (load_tagger may swap in a fast path).
@@ -376,20 +423,24 @@ class Tagger:
         )
         pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="multitag-decode")
         pending: deque[Future[_Prepared]] = deque()
+        finished = False
         try:
             for batch in batches:
                 pending.append(pool.submit(self._prepare, batch))
                 if len(pending) > self.decode_workers:
-                    yield pending.popleft().result()
+                    yield _polled_result(pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield _polled_result(pending.popleft())
+            finished = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Stopped early (a shard timeout, a cancel, an error): a read may be hung, so do
+            # not wait for the batches in progress; those not started are cancelled.
+            pool.shutdown(wait=finished, cancel_futures=True)
 
     def _prepare(self, uris: list[str]) -> _Prepared:
         t0 = time.perf_counter()
         items: list[DecodedImage | str] = []
-        for blob in read_many(uris):
+        for blob in read_many(uris, max_bytes=self.max_bytes):
             if isinstance(blob, OSError):
                 items.append(read_error_reason(blob))
                 continue
@@ -482,6 +533,7 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
         batch_size=params.batch_size,
         decode_workers=params.decode_workers,
         max_pixels=params.max_pixels,
+        max_bytes=params.max_bytes,
     )
     if record is not None:
         _use_recorded_torch_path(tagger, record, params)
@@ -571,6 +623,7 @@ def _tagger_over(scorer: Any, meta: Any, params: TagParams, choice: str) -> Tagg
         batch_size=params.batch_size,
         decode_workers=params.decode_workers,
         max_pixels=params.max_pixels,
+        max_bytes=params.max_bytes,
     )
     tagger.precision_choice = choice
     logging.getLogger(__name__).info("precision %s -> %s", params.precision, choice)
@@ -701,6 +754,7 @@ _TAGGER_FIELDS = {
     "batch_size",
     "decode_workers",
     "max_pixels",
+    "max_bytes",
 }
 
 

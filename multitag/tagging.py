@@ -1,6 +1,6 @@
 """Bulk tagging: list images, score them in batches, write Parquet shards exactly once.
 
-The flow (or `tag_source`, the in-process path) calls, in order::
+The tag flow (`flows/tag.py`, the one runner: CLI, deployments and tests) calls, in order::
 
     plan = plan_run(params)                          # list source, claim new images, shard
     tagger = tagger_for(params, plan.model_version)  # once per process; cached
@@ -16,6 +16,7 @@ Layout under `out/<dataset>/` (out defaults to MULTITAG_HOME/tags)::
     model=<version>/part-<epoch>-<index>.parquet   the tags (data_contracts/tags_output.yaml)
     _plans/model=<version>/epoch-<epoch>.arrow     the claim log: which images each shard holds
     _manifests/<run-id>.json                       one per run: counts, shards, timings, drift
+    (and `<out>/_probe/`, briefly: the conditional-write probe's object, deleted at once)
 
 Exactly once, and why it holds
 ------------------------------
@@ -25,7 +26,10 @@ creating the next epoch file with an exclusive create (local: link(2), which fai
 name exists; S3: PutObject with `If-None-Match: *`). The epoch number is the linearisation
 point: if two runs race for epoch N, one create fails; the loser reads the winner's epoch,
 drops those images from its own claim and tries epoch N+1. So no two epochs ever claim the
-same image, whatever each run listed (a bucket growing between two starts included).
+same (image, attempt), whatever each run listed (a bucket growing between two starts
+included). Before its first claim a run probes the output store once (per root and
+process): a store that lets a second exclusive create overwrite is refused
+(`ConditionalWritesIgnoredError`) unless `single_writer` says only one run writes there.
 
 A shard's Parquet file is also created exclusively and written whole (local: temp file,
 fsync, link; S3: one PUT), so it exists completely or not at all. A shard that is claimed
@@ -33,13 +37,25 @@ but has no Parquet file (its run was killed, or is still running) is tagged by a
 run; if two runs tag it at once, the second create fails and its rows are dropped. Hence,
 for one (dataset, model version) partition:
 
-- an image appears in at most one Parquet file, under any interleaving of runs and kills;
-- after a run completes without an exception, every image it listed appears exactly once;
+- an (image, attempt) appears in at most one Parquet file, under any interleaving of runs
+  and kills;
+- after a run completes without an exception, every image it listed has exactly one
+  current row (its highest attempt; `current_rows`, `read_current`);
 - a rerun tags only images with no finished shard, and reports the others as skipped.
 
-Rows of images that fail to read or decode are written as error rows; they count as done
-(rerunning will not retry them). Read errors that may be transient (network, throttling)
-raise instead, so the shard fails and is retried by the flow (or the next run).
+Every write recognises its own earlier success: a retried task whose create landed but
+whose answer was lost (the client's own retry then gets 412 / FileExistsError, or the task
+retry finds the file) reads the file's run id (Parquet footer, epoch metadata, manifest)
+and counts it as written, never as a lost race. S3's 409 ConditionalRequestConflict (two
+conditional writes overlapped) is retried with backoff in `storage.write_bytes_atomic`.
+
+Rows of images that fail to read or decode are written as error rows (facts about the
+image); a run with `retry_errors` claims again, in a new epoch, the listed images whose
+latest row is an error and whose every claim is finished, with `attempt` = previous + 1;
+the new row supersedes the old (kept as history). Two retry runs cannot both retry an
+image: the claim is an epoch like any other, and the loser drops what the winner claimed.
+Read errors that may be transient (network, throttling) raise instead, so the shard fails
+and is retried by the flow (or the next run).
 
 Concurrent runs waste no correctness but may duplicate work on unfinished shards; runs
 take their own shards first in order and others' unfinished shards in reverse order, so
@@ -56,35 +72,38 @@ import functools
 import io
 import itertools
 import logging
-import math
 import posixpath
 import re
 import secrets
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from multitag.config import TagParams, get_settings
 from multitag.sources import (
+    SkippedFiles,
+    SourceListing,
     TaggingError,
     default_dataset_name,
-    list_images,
+    list_images,  # noqa: F401  (re-exported: callers list sources through this module)
+    list_source,
 )
 from multitag.storage import (
+    PROBE_DIR,
     exists,
     fs_and_path,
+    honours_exclusive_create,
     is_local,
     join,
     read_bytes,
     read_json,
     remove_stale_temp_files,
+    store_description,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -94,8 +113,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-CONTRACT_VERSION = "1.0.0"  # data_contracts/tags_output.yaml
+CONTRACT_VERSION = "1.1.0"  # data_contracts/tags_output.yaml
 PLAN_FORMAT = "multitag-plan/1"
+PLAN_FORMAT_RETRIES = "multitag-plan/2"  # an epoch with retries: `attempt` > 1 in some rows
 PLANS_DIR = "_plans"
 MANIFESTS_DIR = "_manifests"
 NONE_LABEL = "(none)"  # the "no label above threshold" row in rate tables
@@ -124,14 +144,20 @@ def tags_schema() -> pa.Schema:
             pa.field("model_version", pa.string(), nullable=False),
             pa.field("tagged_at", pa.timestamp("us", tz="UTC"), nullable=False),
             pa.field("error", pa.string()),
+            pa.field("attempt", pa.int32(), nullable=False),
         ],
         metadata={"multitag.contract": f"tags_output {CONTRACT_VERSION}"},
     )
 
 
-def rows_to_table(rows: Sequence[TagRow], model_version: str) -> pa.Table:
+def rows_to_table(
+    rows: Sequence[TagRow], model_version: str, attempts: Sequence[int] = ()
+) -> pa.Table:
+    """Rows as an Arrow table of `tags_schema()`; `attempts` per row (empty: all first rows)."""
     import pyarrow as pa
 
+    if attempts and len(attempts) != len(rows):
+        raise ValueError(f"{len(attempts)} attempts for {len(rows)} rows")
     schema = tags_schema()
     columns = {
         "image_uri": [r.image_uri for r in rows],
@@ -144,6 +170,7 @@ def rows_to_table(rows: Sequence[TagRow], model_version: str) -> pa.Table:
         "model_version": [model_version] * len(rows),
         "tagged_at": [r.tagged_at for r in rows],
         "error": [r.error for r in rows],
+        "attempt": list(attempts) if attempts else [1] * len(rows),
     }
     arrays = [pa.array(columns[f.name], type=f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -170,15 +197,16 @@ def validate_tags_table(table: pa.Table, *, model_version: str | None = None) ->
     import pyarrow.compute as pc
 
     problems: list[str] = []
-    n = table.num_rows
-    uris = table.column("image_uri")
-    if pc.count_distinct(uris).as_py() != n:
-        counts = table.group_by("image_uri").aggregate([("image_uri", "count")])
-        dup = counts.filter(pc.greater(counts.column("image_uri_count"), 1))
-        examples = dup.column("image_uri").to_pylist()[:5]
+    table = _with_attempt(table)
+    keys = table.group_by(["image_uri", "attempt"]).aggregate([("image_uri", "count")])
+    dup = keys.filter(pc.greater(keys.column("image_uri_count"), 1))
+    if dup.num_rows:
+        pairs = zip(*(dup.column(c).to_pylist()[:5] for c in ("image_uri", "attempt")), strict=True)
+        examples = list(pairs)
         problems.append(
-            f"unique_image_per_model: {dup.num_rows} image(s) repeated, e.g. {examples}"
+            f"unique_image_per_model: {dup.num_rows} (image, attempt) repeated, e.g. {examples}"
         )
+    problems.extend(_attempt_problems(table))
     versions = pc.unique(table.column("model_version")).to_pylist()
     if len(versions) > 1 or (model_version is not None and versions not in ([model_version], [])):
         problems.append(f"one_model_per_partition: model_version values {versions[:5]}")
@@ -188,6 +216,89 @@ def validate_tags_table(table: pa.Table, *, model_version: str | None = None) ->
             problems.append("... (stopped after 50 problems)")
             break
     return problems
+
+
+def _with_attempt(table: pa.Table) -> pa.Table:
+    """`table` with an `attempt` column: files of contract 1.0 (before retries) have none, and
+    a dataset read with `tags_schema()` gives them nulls; either way they are first rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "attempt" not in table.column_names:
+        return table.append_column("attempt", pa.array([1] * table.num_rows, pa.int32()))
+    i = table.column_names.index("attempt")
+    filled = pc.fill_null(table.column("attempt"), 1).cast(pa.int32())
+    return table.set_column(i, pa.field("attempt", pa.int32(), nullable=False), filled)
+
+
+def _attempt_problems(table: pa.Table) -> list[str]:
+    """attempts_supersede_errors: an image's attempts are 1..n, and every row but the latest
+    is an error row (a new attempt is claimed only for an image whose latest row failed)."""
+    import pyarrow.compute as pc
+
+    if table.num_rows and pc.min(table.column("attempt")).as_py() < 1:
+        return ["attempts_supersede_errors: an attempt is below 1"]
+    per = table.group_by("image_uri").aggregate([("attempt", "max"), ("attempt", "count_distinct")])
+    gaps = per.filter(pc.not_equal(per.column("attempt_max"), per.column("attempt_count_distinct")))
+    out = []
+    if gaps.num_rows:
+        out.append(
+            f"attempts_supersede_errors: {gaps.num_rows} image(s) with missing attempts, "
+            f"e.g. {gaps.column('image_uri').to_pylist()[:5]}"
+        )
+    current = current_rows(table)
+    if current.num_rows < table.num_rows:
+        is_current = pc.is_in(_row_keys(table), value_set=_row_keys(current))
+        old = table.filter(pc.invert(is_current))
+        bad = old.filter(pc.is_null(old.column("error")))
+        if bad.num_rows:
+            out.append(
+                f"attempts_supersede_errors: {bad.num_rows} superseded row(s) without an error, "
+                f"e.g. {bad.column('image_uri').to_pylist()[:5]}"
+            )
+    return out
+
+
+def _row_keys(table: pa.Table) -> pa.Array:
+    """`<attempt>:<image_uri>` per row: one value to match (image, attempt) pairs with is_in."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    attempt = pc.cast(table.column("attempt"), pa.string())
+    return pc.binary_join_element_wise(attempt, table.column("image_uri"), ":").combine_chunks()
+
+
+def current_rows(table: pa.Table) -> pa.Table:
+    """One row per image: the row with its highest `attempt` (a retry supersedes an error).
+
+    The pyarrow form of the contract's "current rows" query (DuckDB: `QUALIFY row_number()
+    OVER (PARTITION BY image_uri ORDER BY coalesce(attempt, 1) DESC) = 1`). Rows come back
+    sorted by image_uri. Rows without an `attempt` (contract 1.0 files) are first attempts.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = _with_attempt(table)
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, [("image_uri", "ascending"), ("attempt", "descending")])
+    ordered = table.take(order)
+    uris = ordered.column("image_uri").combine_chunks()
+    changed = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
+    return ordered.filter(pa.concat_arrays([pa.array([True]), changed]))
+
+
+def read_current(partition_uri: str) -> pa.Table:
+    """The current rows of a model partition (`model=<version>/`): one per image."""
+    import pyarrow.dataset as pads
+
+    fs, path = fs_and_path(partition_uri)
+    fs.invalidate_cache(path)
+    files = [p for p in fs.find(path) if _PART_RE.match(posixpath.basename(p))]
+    if not files:
+        return tags_schema().empty_table()
+    dataset = pads.dataset(files, schema=tags_schema(), filesystem=fs, format="parquet")
+    return current_rows(dataset.to_table())
 
 
 def _iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
@@ -230,6 +341,15 @@ class ShardSpec:
     uris: tuple[str, ...]
     model_version: str
     planned_by: str  # run id that claimed these images
+    attempts: tuple[int, ...] = ()  # per uri, when some are retries (--retry-errors); () = all 1
+
+
+class ConditionalWritesIgnoredError(TaggingError):
+    """The output store overwrote an object created with `If-None-Match: *`.
+
+    Exactly once rests on exclusive create; on such a store two runs could both claim an
+    epoch or write a shard. Refused unless `TagParams.single_writer` says only one run writes.
+    """
 
 
 @dataclass(frozen=True)
@@ -253,6 +373,9 @@ class RunPlan:
     started_at: str
     plan_s: float
     params: dict[str, Any] = field(default_factory=dict)
+    n_retried: int = 0  # images whose latest row was an error, claimed again (retry_errors)
+    not_images: SkippedFiles = field(default_factory=SkippedFiles)  # by extension, not listed
+    bad_names: SkippedFiles = field(default_factory=SkippedFiles)  # not UTF-8, not listed
 
     @property
     def n_pending(self) -> int:
@@ -277,6 +400,8 @@ def resolve_model_version(params: TagParams) -> str:
             f"no champion model under {registry.models_uri(params.home)}: pass --model VERSION "
             "or run `multitag retrain` first"
         )
+    # The version is then loaded by id: check the pointer's model sha256 against it here.
+    registry.check_champion_pointer(params.home, champion)
     return str(champion["version"])
 
 
@@ -313,19 +438,23 @@ def first_shard_uris(params: TagParams, model_version: str) -> list[str]:
     them; their rows are then never written, see `multitag.headstart`.)
     """
     _, partition, plans = output_uris(params, model_version)
-    _, _, new = _unclaimed(params.source, plans, partition)
+    _, _, new, _ = _unclaimed(params.source, plans, partition)
     return [str(u) for u in new.slice(0, params.shard_size).to_pylist()]
 
 
-def _unclaimed(source: str, plans: str, partition: str) -> tuple[pa.Array, _ClaimLog, pa.Array]:
-    """The sorted listing of `source`, the claim log, and the listed images no epoch holds."""
+def _unclaimed(
+    source: str, plans: str, partition: str
+) -> tuple[pa.Array, _ClaimLog, pa.Array, SourceListing]:
+    """The sorted listing of `source`, the claim log, the listed images no epoch holds, and
+    the listing itself (it counts the files it left out)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    listing = pa.array(list(list_images(source)), type=pa.string())
+    listed = list_source(source)
+    listing = pa.array(listed.uris, type=pa.string())
     log = _ClaimLog.read(plans, partition)
     new = listing.filter(pc.invert(pc.is_in(listing, value_set=log.claimed_uris())))
-    return listing, log, new
+    return listing, log, new, listed
 
 
 def read_baseline(home: str | None, version: str) -> ModelBaseline:
@@ -373,27 +502,37 @@ def plan_run(
     version = model_version or resolve_model_version(params)
     baseline = baseline or read_baseline(params.home, version)
     dataset_uri, partition, plans = output_uris(params, version)
+    if not params.single_writer:
+        require_exclusive_create(params.out or get_settings(params.home).tags)
     for folder in (partition, plans, join(dataset_uri, MANIFESTS_DIR)):
         remove_stale_temp_files(folder)
 
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    listing, log, new = _unclaimed(params.source, plans, partition)
-    n_skipped = int(pc.sum(pc.is_in(listing, value_set=log.finished_uris())).as_py() or 0)
-    epoch, own = _claim(plans, log, new, params, run_id)
-    own_ids = {shard_id for shard_id, _ in own}
-    orphans = [(sid, uris) for sid, uris in log.unfinished() if sid not in own_ids]
-    orphans.sort(key=lambda item: item[0], reverse=True)
+    listing, log, new, listed = _unclaimed(params.source, plans, partition)
+    finished = pc.is_in(listing, value_set=log.finished_uris())
+    retry = _retry_candidates(log, partition, listing) if params.retry_errors else _no_retries()
+    epoch, own = _claim(plans, log, new, retry, params, run_id)
+    own_ids = {c.shard_id for c in own}
+    earlier = [c for c in log.unfinished() if c.shard_id not in own_ids]
+    own += [c for c in earlier if log.planned_by(c.shard_id) == run_id]  # a retried plan's
+    own_ids = {c.shard_id for c in own}
+    orphans = sorted((c for c in earlier if c.shard_id not in own_ids), reverse=True)
     shards = tuple(
         ShardSpec(
-            sid,
-            join(partition, f"part-{sid}.parquet"),
-            tuple(uris),
+            c.shard_id,
+            join(partition, f"part-{c.shard_id}.parquet"),
+            tuple(c.uris),
             version,
-            run_id if sid in own_ids else log.planned_by(sid),
+            run_id if c.shard_id in own_ids else log.planned_by(c.shard_id),
+            tuple(c.attempts) if any(a != 1 for a in c.attempts) else (),
         )
-        for sid, uris in [*own, *orphans]
+        for c in [*own, *orphans]
     )
+    n_retried = sum(a > 1 for c in own for a in c.attempts)
+    pending = pa.array([u for c in [*own, *orphans] for u in c.uris], pa.string())
+    n_skipped = int(pc.sum(pc.and_(finished, pc.invert(pc.is_in(listing, pending)))).as_py() or 0)
     return RunPlan(
         run_id=run_id,
         source=params.source,
@@ -405,36 +544,99 @@ def plan_run(
         shards=shards,
         n_listed=len(listing),
         n_skipped=n_skipped,
-        n_new=sum(len(u) for _, u in own),
-        n_resumed=sum(len(u) for _, u in orphans),
+        n_new=sum(len(c.uris) for c in own) - n_retried,
+        n_resumed=sum(len(c.uris) for c in orphans),
         epoch=epoch,
         baseline=baseline,
         started_at=started.isoformat(),
         plan_s=round(time.perf_counter() - t0, 3),
         params=params.model_dump(mode="json"),
+        n_retried=n_retried,
+        not_images=listed.not_images,
+        bad_names=listed.bad_names,
     )
 
 
-def _claim(
-    plans: str, log: _ClaimLog, new: pa.Array, params: TagParams, run_id: str
-) -> tuple[int | None, list[tuple[str, list[str]]]]:
-    """Claim `new` as the next epoch; on a lost race, drop the winner's images and retry.
+def require_exclusive_create(out_root: str) -> None:
+    """Refuse an output store that overwrites on `If-None-Match: *` (probed once per root)."""
+    if honours_exclusive_create(out_root):
+        return
+    raise ConditionalWritesIgnoredError(
+        f"the output store {store_description(out_root)} does not honour exclusive create: "
+        f"a probe object under {join(out_root, PROBE_DIR)} was created twice (the second "
+        "PUT with `If-None-Match: *` overwrote it instead of failing), so two runs could "
+        "claim or write the same images. Use a store that honours `If-None-Match: *` (AWS "
+        "S3, MinIO, ...), or, if only one run at a time will ever write this output, pass "
+        "--single-writer (TagParams.single_writer=True)."
+    )
 
-    Returns (the epoch created or None when nothing was left to claim, [(shard id, uris)]).
+
+class Claim(NamedTuple):
+    """One shard of a claim epoch: its id, its images and each image's attempt number."""
+
+    shard_id: str
+    uris: list[str]
+    attempts: list[int]
+
+
+def _no_retries() -> pa.Table:
+    import pyarrow as pa
+
+    return pa.table({"image_uri": pa.array([], pa.string()), "attempt": pa.array([], pa.int32())})
+
+
+def _retry_candidates(log: _ClaimLog, partition: str, listing: pa.Array) -> pa.Table:
+    """(image_uri, next attempt) of listed images whose latest row is an error, to claim again.
+
+    Only images whose every claim is finished: an image in an unfinished shard (a retry in
+    progress, or killed) is tagged by resuming that shard, never claimed twice. The rows are
+    read from the finished shards the log saw, so the "latest" row is the latest one there.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    if not log.finished:
+        return _no_retries()
+    fs, _ = fs_and_path(partition)
+    files = [fs_and_path(join(partition, f"part-{sid}.parquet"))[1] for sid in sorted(log.finished)]
+    schema = pa.schema([tags_schema().field(n) for n in ("image_uri", "error", "attempt")])
+    rows = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table()
+    latest = current_rows(rows)
+    failed = latest.filter(pc.is_valid(latest.column("error")))
+    in_progress = pa.array([u for c in log.unfinished() for u in c.uris], pa.string())
+    keep = pc.and_(
+        pc.is_in(failed.column("image_uri"), value_set=listing),  # gone from the source: no
+        pc.invert(pc.is_in(failed.column("image_uri"), value_set=in_progress)),
+    )
+    failed = failed.filter(keep)
+    next_attempt = pc.add(failed.column("attempt"), 1).cast(pa.int32())
+    return pa.table({"image_uri": failed.column("image_uri"), "attempt": next_attempt})
+
+
+def _claim(
+    plans: str, log: _ClaimLog, new: pa.Array, retry: pa.Table, params: TagParams, run_id: str
+) -> tuple[int | None, list[Claim]]:
+    """Claim `new` (first attempts) and `retry` as the next epoch; on a lost race, drop what
+    the winner claimed and try the epoch after.
+
+    Returns (the epoch created or None when nothing was left to claim, its shards). A retry
+    is dropped when the winner's epoch holds that image: two runs never retry it both.
     """
     import pyarrow.compute as pc
 
     for _ in range(_MAX_EPOCH_TRIES):
-        if len(new) == 0:
+        if len(new) == 0 and retry.num_rows == 0:
             return None, []
         candidate = log.next_epoch()
         try:
-            return candidate, _write_epoch(
-                plans, candidate, new, params.shard_size, run_id, params.source
-            )
+            claims = _write_epoch(plans, candidate, new, retry, params, run_id)
+            return candidate, claims
         except FileExistsError:
             log.absorb(plans, candidate)  # a concurrent run won this epoch: take its claims out
             new = new.filter(pc.invert(pc.is_in(new, value_set=log.claimed_uris())))
+            won = log.epochs[candidate].column("image_uri")
+            retry = retry.filter(pc.invert(pc.is_in(retry.column("image_uri"), value_set=won)))
     raise TaggingError(f"could not claim an epoch in {plans} after {_MAX_EPOCH_TRIES} tries")
 
 
@@ -446,33 +648,95 @@ def _epoch_uri(plans: str, epoch: int) -> str:
     return join(plans, f"epoch-{epoch:06d}.arrow")
 
 
-def _write_epoch(
-    plans: str, epoch: int, uris: pa.Array, shard_size: int, run_id: str, source: str
-) -> list[tuple[str, list[str]]]:
-    """Claim `uris` as epoch `epoch` (exclusive create); returns [(shard id, uris)]."""
+def _epoch_table(
+    epoch: int, new: pa.Array, retry: pa.Table, params: TagParams, run_id: str
+) -> pa.Table:
+    """The claim file's rows (shard, image_uri, attempt), sorted by image_uri."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
+    uris = pa.concat_arrays([new, retry.column("image_uri").combine_chunks()])
+    attempts = pa.concat_arrays(
+        [pa.array(np.ones(len(new), np.int32)), retry.column("attempt").combine_chunks()]
+    )
+    order = pc.sort_indices(uris)
     n = len(uris)
-    index = pa.array(np.arange(n, dtype=np.int64) // shard_size, type=pa.int32())
+    index = pa.array(np.arange(n, dtype=np.int64) // params.shard_size, type=pa.int32())
     meta = {
-        "format": PLAN_FORMAT,
+        # Epochs with retries use format 2, which code from before retries refuses to read
+        # (it would write the retried images' rows again as first attempts).
+        "format": PLAN_FORMAT_RETRIES if retry.num_rows else PLAN_FORMAT,
         "run_id": run_id,
         "epoch": str(epoch),
-        "source": source,
-        "shard_size": str(shard_size),
+        "source": params.source,
+        "shard_size": str(params.shard_size),
         "created_at": datetime.now(UTC).isoformat(),
     }
-    table = pa.table({"shard": index, "image_uri": uris}).replace_schema_metadata(meta)
+    table = pa.table(
+        {"shard": index, "image_uri": uris.take(order), "attempt": attempts.take(order)}
+    )
+    return table.replace_schema_metadata(meta)
+
+
+def _write_epoch(
+    plans: str, epoch: int, new: pa.Array, retry: pa.Table, params: TagParams, run_id: str
+) -> list[Claim]:
+    """Claim `new` and `retry` as epoch `epoch` (exclusive create); returns its shards.
+
+    FileExistsError means another run won the epoch, unless the file holds this run's id:
+    then our own create succeeded and its answer was lost (the client's retry of the PUT
+    got 412), and the claims are ours.
+    """
+    import pyarrow as pa
+
+    table = _epoch_table(epoch, new, retry, params, run_id)
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with pa.ipc.new_file(sink, table.schema, options=options) as writer:
         writer.write_table(table)
-    write_bytes_atomic(_epoch_uri(plans, epoch), sink.getvalue().to_pybytes(), exclusive=True)
-    values = uris.to_pylist()
-    return [
-        (_shard_id(epoch, i), values[i * shard_size : (i + 1) * shard_size])
-        for i in range(math.ceil(n / shard_size))
-    ]
+    uri = _epoch_uri(plans, epoch)
+    try:
+        write_bytes_atomic(uri, sink.getvalue().to_pybytes(), exclusive=True)
+    except FileExistsError:
+        existing = _read_epoch(uri)
+        if (existing.schema.metadata or {}).get(b"run_id") != run_id.encode():
+            raise
+        table = existing
+    return _epoch_claims(epoch, table)
+
+
+def _read_epoch(uri: str) -> pa.Table:
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(pa.BufferReader(read_bytes(uri))).read_all()
+    meta = table.schema.metadata or {}
+    if meta.get(b"format") not in (PLAN_FORMAT.encode(), PLAN_FORMAT_RETRIES.encode()):
+        raise TaggingError(f"{uri} is not a {PLAN_FORMAT} claim file")
+    return table
+
+
+def _epoch_claims(epoch: int, table: pa.Table, skip: Container[str] = frozenset()) -> list[Claim]:
+    """The shards of one epoch's claim table not in `skip`, in shard order.
+
+    (Claim files from before retries have no `attempt` column: all first attempts.)
+    """
+    shard = table.column("shard").to_numpy()
+    order = np.argsort(shard, kind="stable")
+    ids, starts = np.unique(shard[order], return_index=True)
+    ends = [*starts[1:], len(order)]
+    uris = table.column("image_uri")
+    if "attempt" in table.column_names:
+        attempts = table.column("attempt").to_numpy()
+    else:
+        attempts = np.ones(len(shard), np.int32)
+    out = []
+    for index, start, end in zip(ids, starts, ends, strict=True):
+        rows = order[start:end]
+        sid = _shard_id(epoch, int(index))
+        if sid in skip:
+            continue  # finished: its URIs are never turned into Python strings
+        out.append(Claim(sid, uris.take(rows).to_pylist(), attempts[rows].tolist()))
+    return out
 
 
 class _ClaimLog:
@@ -491,20 +755,15 @@ class _ClaimLog:
         return log
 
     def absorb(self, plans: str, epoch: int) -> None:
-        import pyarrow as pa
-
-        data = read_bytes(_epoch_uri(plans, epoch))
-        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
-        meta = table.schema.metadata or {}
-        if meta.get(b"format") != PLAN_FORMAT.encode():
-            raise TaggingError(f"{_epoch_uri(plans, epoch)} is not a {PLAN_FORMAT} claim file")
+        table = _read_epoch(_epoch_uri(plans, epoch))
         self.epochs[epoch] = table
-        self.run_ids[epoch] = meta.get(b"run_id", b"?").decode()
+        self.run_ids[epoch] = (table.schema.metadata or {}).get(b"run_id", b"?").decode()
 
     def next_epoch(self) -> int:
         return max(self.epochs, default=0) + 1
 
     def claimed_uris(self) -> pa.Array:
+        """Every image any epoch claimed (an image claimed again for a retry appears twice)."""
         import pyarrow as pa
 
         chunks = [c for t in self.epochs.values() for c in t.column("image_uri").chunks]
@@ -525,21 +784,13 @@ class _ClaimLog:
             parts.extend(table.column("image_uri").filter(mask).chunks)
         return pa.chunked_array(parts, type=pa.string()).combine_chunks()
 
-    def unfinished(self) -> list[tuple[str, list[str]]]:
-        """(shard id, uris) of every claimed shard without a Parquet file, in id order."""
-        out = []
-        for epoch, table in sorted(self.epochs.items()):
-            shard = table.column("shard").to_numpy()
-            order = np.argsort(shard, kind="stable")
-            ids, starts = np.unique(shard[order], return_index=True)
-            ends = [*starts[1:], len(order)]
-            uris = table.column("image_uri")
-            for index, start, end in zip(ids, starts, ends, strict=True):
-                sid = _shard_id(epoch, int(index))
-                if sid not in self.finished:
-                    rows = uris.take(order[start:end]).to_pylist()
-                    out.append((sid, rows))
-        return out
+    def unfinished(self) -> list[Claim]:
+        """Every claimed shard without a Parquet file, in id order."""
+        return [
+            c
+            for epoch, table in sorted(self.epochs.items())
+            for c in _epoch_claims(epoch, table, skip=self.finished)
+        ]
 
     def planned_by(self, shard_id: str) -> str:
         return self.run_ids.get(int(shard_id.split("-")[0]), "?")
@@ -576,8 +827,9 @@ def _fresh_exists(uri: str) -> bool:
 class ShardResult:
     """What happened to one shard; small, so a flow can collect thousands of them.
 
-    status: "written" (this call wrote it), "exists" (already finished, nothing done),
-    "lost_race" (tagged, but another run wrote it first; these rows were dropped).
+    status: "written" (this call wrote it, or an earlier try of this run's task did and
+    its answer was lost: counted from the file), "exists" (already finished by another run,
+    nothing done), "lost_race" (tagged, but another run wrote it first; rows dropped).
     """
 
     shard_id: str
@@ -592,6 +844,8 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=dict)
     scorer: str = ""  # which scorer tagged it and why (`Tagger.precision_choice`)
     n_head_start: int = 0  # of n_tagged + n_failed: tagged before the run began (headstart)
+    n_retried: int = 0  # of n_images: retries of images whose latest row was an error
+    n_retried_tagged: int = 0  # of n_retried: tagged this time (no error)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -618,7 +872,11 @@ def tag_shard(
         )
     ready, head_s = headstart.take(tagger, spec.uris)  # rows tagged while the server booted
     if _fresh_exists(spec.part_uri):
-        return ShardResult(spec.shard_id, spec.part_uri, "exists", len(spec.uris))
+        own = _own_earlier_write(spec, run_id)  # a retried task whose write succeeded
+        if own is None:
+            return ShardResult(spec.shard_id, spec.part_uri, "exists", len(spec.uris))
+        seconds = {"total_s": round(time.perf_counter() - t0, 4)}
+        return _count_rows(spec, own, seconds, _scorer_of(own))
     rows: list[TagRow] = []
     prepare_s = model_s = 0.0
     todo = [u for u in spec.uris if u not in ready] if ready else spec.uris
@@ -632,53 +890,102 @@ def tag_shard(
         by_uri = {row.image_uri: row for row in rows} | ready
         rows = [by_uri[u] for u in spec.uris]
     t_write = time.perf_counter()
-    status = _write_shard(spec, rows, run_id)
+    written = _write_shard(spec, rows, run_id, tagger.scorer_note)
     t_end = time.perf_counter()
     seconds = {"prepare_s": prepare_s, "model_s": model_s, "write_s": t_end - t_write,
                "total_s": t_end - t0, "head_start_s": head_s}  # fmt: skip
     seconds = {k: round(v, 4) for k, v in seconds.items()}
-    if status != "written":
-        return ShardResult(spec.shard_id, spec.part_uri, status, len(rows), seconds=seconds)
+    if written is None:
+        return ShardResult(spec.shard_id, spec.part_uri, "lost_race", len(rows), seconds=seconds)
     return dataclasses.replace(
-        _count_rows(spec, rows, seconds), scorer=tagger.scorer_note, n_head_start=len(ready)
+        _count_rows(spec, written, seconds, _scorer_of(written)), n_head_start=len(ready)
     )
 
 
-def _write_shard(spec: ShardSpec, rows: Sequence[TagRow], run_id: str) -> str:
-    """Exclusive create of the whole Parquet file: "written", or "lost_race" if it exists."""
+def _write_shard(
+    spec: ShardSpec, rows: Sequence[TagRow], run_id: str, scorer: str = ""
+) -> pa.Table | None:
+    """Exclusive create of the whole Parquet file; returns the rows the file now holds.
+
+    None: another run wrote this shard first (our rows are dropped, "lost_race"). When the
+    file exists but is this run's own earlier write (a retried task whose PUT succeeded and
+    whose answer was lost, so the client's retry got 412), the file's rows are returned:
+    the shard counts as written once, with what is stored, not what this attempt computed.
+    """
     meta = {"multitag.shard_id": spec.shard_id, "multitag.run_id": run_id,
-            "multitag.planned_by": spec.planned_by}  # fmt: skip
-    data = _parquet_bytes(rows_to_table(rows, spec.model_version), meta)
+            "multitag.planned_by": spec.planned_by, "multitag.scorer": scorer}  # fmt: skip
+    table = rows_to_table(rows, spec.model_version, spec.attempts)
+    data = _parquet_bytes(table, meta)
     try:
         write_bytes_atomic(spec.part_uri, data, exclusive=True)
     except FileExistsError:
-        return "lost_race"  # another run finished this shard first; our rows are dropped
-    return "written"
+        return _own_earlier_write(spec, run_id)
+    return table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}}
+    )
 
 
-def _count_rows(spec: ShardSpec, rows: Sequence[TagRow], seconds: dict[str, float]) -> ShardResult:
+def _own_earlier_write(spec: ShardSpec, run_id: str) -> pa.Table | None:
+    """The rows of `spec.part_uri` if this run (`run_id`) wrote that file, else None.
+
+    Recognised by the Parquet footer's `multitag.run_id` and `multitag.shard_id`: run ids
+    are unique per run, and a run tags a shard in one task at a time (Prefect retries it).
+    An empty run_id (library calls without one) never matches.
+    """
+    import pyarrow.parquet as pq
+
+    if not run_id:
+        return None
+    fs, path = fs_and_path(spec.part_uri)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.schema_arrow.metadata or {}
+        if meta.get(b"multitag.run_id") != run_id.encode():
+            return None
+        if meta.get(b"multitag.shard_id") != spec.shard_id.encode():
+            return None
+        names = [n for n in ("error", "labels", "attempt") if n in pf.schema_arrow.names]
+        return pf.read(columns=names).replace_schema_metadata(meta)
+
+
+def _scorer_of(table: pa.Table) -> str:
+    return (table.schema.metadata or {}).get(b"multitag.scorer", b"").decode()
+
+
+def _count_rows(
+    spec: ShardSpec, table: pa.Table, seconds: dict[str, float], scorer: str = ""
+) -> ShardResult:
+    """A "written" result counted from the rows stored in the shard's file."""
     labels: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
-    n_none = n_failed = 0
-    for r in rows:
-        if r.error is not None:
+    n_none = n_failed = n_retried = n_retried_tagged = 0
+    cols = ("error", "labels", "attempt")
+    for r in _iter_rows(_with_attempt(table).select(cols)):
+        retried = r["attempt"] > 1
+        n_retried += retried
+        if r["error"] is not None:
             n_failed += 1
-            kinds[r.error.split(":", 1)[0]] += 1
-        elif r.labels:
-            labels.update(r.labels)
+            kinds[r["error"].split(":", 1)[0]] += 1
+            continue
+        n_retried_tagged += retried
+        if r["labels"]:
+            labels.update(r["labels"])
         else:
             n_none += 1
     return ShardResult(
         spec.shard_id,
         spec.part_uri,
         "written",
-        len(rows),
-        n_tagged=len(rows) - n_failed,
+        table.num_rows,
+        n_tagged=table.num_rows - n_failed,
         n_failed=n_failed,
         n_none=n_none,
         label_counts=dict(labels),
         error_kinds=dict(kinds),
         seconds=seconds,
+        scorer=scorer,
+        n_retried=n_retried,
+        n_retried_tagged=n_retried_tagged,
     )
 
 
@@ -778,15 +1085,6 @@ def compute_drift(
 
 
 @dataclass(frozen=True)
-class TagProgress:
-    images_done: int
-    images_total: int
-    shards_done: int
-    shards_total: int
-    elapsed_s: float
-
-
-@dataclass(frozen=True)
 class TagSummary:
     """A run's outcome; `to_dict()` is the manifest."""
 
@@ -814,6 +1112,12 @@ class TagSummary:
     params: dict[str, Any]
     error: str | None = None
     scorers: list[str] = field(default_factory=list)  # distinct `ShardResult.scorer` values
+    retried: int = 0  # of tagged + failed: images whose latest row was an error, tagged again
+    retried_tagged: int = 0  # of retried: tagged this time (the rest failed again)
+    not_images: int = 0  # files left out of the listing for their extension (.txt, .mov)
+    not_image_examples: list[str] = field(default_factory=list)  # the first few
+    bad_names: int = 0  # local names that are not valid UTF-8: left out (rename to tag)
+    bad_name_examples: list[str] = field(default_factory=list)  # shown with \x escapes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -832,10 +1136,21 @@ class TagSummary:
             f"manifest: {self.manifest_uri}",
         ]
         lines += [f"scorer:   {s}" for s in self.scorers]
+        if self.retried:
+            lines.append(
+                f"retried {self.retried} error row(s): {self.retried_tagged} now tagged, "
+                f"{self.retried - self.retried_tagged} failed again"
+            )
         if self.error_kinds:
             lines.append(
                 "errors: " + ", ".join(f"{k} {v}" for k, v in sorted(self.error_kinds.items()))
             )
+        if self.not_images:
+            lines.append(f"not listed: {self.not_images} not images (by extension), e.g. "
+                         f"{self.not_image_examples}")  # fmt: skip
+        if self.bad_names:
+            lines.append(f"not listed: {self.bad_names} names not valid UTF-8 (rename them to "
+                         f"tag them), e.g. {self.bad_name_examples}")  # fmt: skip
         if self.drift.flagged:
             moved = {e.label: e for e in [*self.drift.labels, self.drift.none]}
             parts = [
@@ -909,6 +1224,12 @@ def summarize_run(
         params=plan.params,
         error=error,
         scorers=sorted({r.scorer for r in written if r.scorer}),
+        retried=sum(r.n_retried for r in written),
+        retried_tagged=sum(r.n_retried_tagged for r in written),
+        not_images=plan.not_images.count,
+        not_image_examples=plan.not_images.examples,
+        bad_names=plan.bad_names.count,
+        bad_name_examples=plan.bad_names.examples,
     )
 
 
@@ -918,118 +1239,14 @@ def _stage_seconds(results: Iterable[ShardResult]) -> dict[str, float]:
 
 
 def write_manifest(summary: TagSummary) -> str:
-    """Write `_manifests/<run-id>.json` (exclusive: a run id is written once); returns its URI."""
-    write_json_atomic(summary.manifest_uri, summary.to_dict(), exclusive=True)
+    """Write `_manifests/<run-id>.json` (exclusive: a run id is written once); returns its URI.
+
+    A manifest already there with this run's id is this run's own earlier write (a retried
+    task whose answer was lost): success, and the stored one is kept.
+    """
+    try:
+        write_json_atomic(summary.manifest_uri, summary.to_dict(), exclusive=True)
+    except FileExistsError:
+        if read_json(summary.manifest_uri).get("run_id") != summary.run_id:
+            raise
     return summary.manifest_uri
-
-
-# ============================================================================ in-process
-
-
-def tag_source(
-    params: TagParams,
-    *,
-    tagger: Tagger | None = None,
-    progress: Callable[[TagProgress], None] | None = None,
-    run_id: str | None = None,
-    drift_rule: DriftRule | None = None,
-) -> TagSummary:
-    """Plan, tag every pending shard in this process, write the manifest; the CLI/library path.
-
-    `tagger=None` loads the registry model (champion unless params.model_version) only if
-    there is something to tag. Shards run `params.max_concurrency` at a time. If a shard
-    fails, the manifest is still written (status "failed") and the exception re-raised;
-    rerunning resumes.
-    """
-    if tagger is not None and params.model_version not in (None, tagger.model_version):
-        raise TaggingError(
-            f"params.model_version={params.model_version} but the tagger holds "
-            f"{tagger.model_version}"
-        )
-    version = tagger.model_version if tagger is not None else resolve_model_version(params)
-    baseline = tagger.baseline if tagger is not None else None
-    plan = plan_run(params, model_version=version, baseline=baseline, run_id=run_id)
-    if plan.shards and tagger is None:
-        tagger = tagger_for(params, version)  # only load a model when there is work
-    t0 = time.perf_counter()
-    results: list[ShardResult] = []
-    error: Exception | None = None
-    if plan.shards and tagger is not None:
-        results, error = _run_shards(plan, tagger, params.max_concurrency, progress, t0)
-    summary = summarize_run(
-        plan,
-        results,
-        drift_rule=drift_rule,
-        tag_s=time.perf_counter() - t0,
-        error=None if error is None else repr(error),
-    )
-    write_manifest(summary)
-    if error is not None:
-        raise error
-    return summary
-
-
-def _run_shards(
-    plan: RunPlan,
-    tagger: Tagger,
-    max_concurrency: int,
-    progress: Callable[[TagProgress], None] | None,
-    t0: float,
-) -> tuple[list[ShardResult], Exception | None]:
-    """Tag the plan's shards; on the first failure, stop starting new ones.
-
-    Returns the results of the shards that finished and the first error (or None), so the
-    caller can still record what was written.
-    """
-    lock = threading.Lock()
-    state = {"images": 0, "shards": 0}
-    total = plan.n_pending
-
-    def report() -> None:
-        if progress is not None:
-            progress(
-                TagProgress(
-                    state["images"],
-                    total,
-                    state["shards"],
-                    len(plan.shards),
-                    time.perf_counter() - t0,
-                )
-            )
-
-    def on_batch(n: int) -> None:
-        with lock:
-            state["images"] += n
-            report()
-
-    def one(spec: ShardSpec) -> ShardResult:
-        result = tag_shard(spec, tagger, run_id=plan.run_id, on_batch=on_batch)
-        with lock:
-            state["shards"] += 1
-            if result.status == "exists":
-                state["images"] += result.n_images
-            report()
-        return result
-
-    results: list[ShardResult] = []
-    if max_concurrency <= 1:
-        for spec in plan.shards:
-            try:
-                results.append(one(spec))
-            except Exception as exc:
-                return results, exc
-        return results, None
-    error: Exception | None = None
-    with ThreadPoolExecutor(max_concurrency, thread_name_prefix="multitag-shard") as pool:
-        futures = [pool.submit(one, spec) for spec in plan.shards]
-        for fut in futures:
-            try:
-                results.append(fut.result())
-            except Exception as exc:
-                if error is None:
-                    error = exc
-                    for pending in futures:
-                        pending.cancel()
-            except CancelledError:
-                continue
-    return results, error

@@ -19,7 +19,7 @@ import urllib.error
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # Imported for their side effect: they patch Learner with to_channelslast, to_bf16/to_fp32,
 # no_bar, and fit_one_cycle/fine_tune/lr_find.
@@ -442,16 +442,18 @@ def _threshold_value(thresholds: np.ndarray | float, n_labels: int) -> float | t
     return result
 
 
-def load_learner_file(path: Path, cpu: bool = True) -> Learner:
+def load_learner_file(path: Path | BinaryIO, cpu: bool = True) -> Learner:
     """Unpickle an exported learner. Only for files whose sha256 was checked (see registry).
 
     Mirrors fastai's `load_learner`, which hides an ImportError (say, timm not installed)
-    behind an UnboundLocalError; here the real error propagates.
+    behind an UnboundLocalError; here the real error propagates. A binary file object (the
+    registry passes a BytesIO of the bytes it hashed) is read as it is, never re-opened.
     """
     import multitag.models  # noqa: F401  (the pickle refers to builders/metrics in it)
 
     map_location = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
-    learn = torch.load(Path(path), map_location=map_location, weights_only=False)
+    source = path if hasattr(path, "read") else Path(path)  # type: ignore[arg-type]
+    learn = torch.load(source, map_location=map_location, weights_only=False)
     if not isinstance(learn, Learner):
         raise TrainingError(f"{path} does not hold a fastai Learner (got {type(learn).__name__}).")
     if cpu:

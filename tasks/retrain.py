@@ -24,8 +24,8 @@ class ContractViolationError(RuntimeError):
     retry_condition_fn=lambda task, run, state: _is_transient(state),
     log_prints=False,  # the download progress bar belongs on the terminal, not in run logs
 )
-def acquire_dataset(url: str, home: str | None) -> str:
-    path = datasets.acquire(url, home)
+def acquire_dataset(url: str, home: str | None, sha256: str | None = None) -> str:
+    path = datasets.acquire(url, home, sha256=sha256)
     get_run_logger().info("dataset ready at %s", path)
     return str(path)
 
@@ -90,9 +90,12 @@ def train_model(dataset_dir: str, params: TrainParams) -> str:
     """Returns the staging folder; identical dataset + params reuse a finished one."""
     logger = get_run_logger()
     stage = retraining.staging_root() / retraining.stage_key(dataset_dir, params)
-    if retraining.stage_complete(stage):
+    problem = retraining.stage_problem(stage)
+    if problem is None:
         logger.info("reusing finished training for the same data and parameters: %s", stage)
         return str(stage)
+    if stage.exists():
+        logger.warning("not reusing the training stage %s: %s; training again", stage, problem)
 
     def on_epoch(row: dict) -> None:
         logger.info("epoch %s: %s", row.get("epoch"), {k: fmt(v) for k, v in row.items()})

@@ -9,6 +9,8 @@ from prefect import get_run_logger, task
 
 from multitag import tagging
 from multitag.config import TagParams
+from multitag.registry import RegistryError
+from multitag.sources import TransientReadError, UnreadableImageError
 from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
 
 
@@ -41,25 +43,66 @@ def plan_tagging(params: TagParams, model_version: str, run_id: str) -> tagging.
     """List the source and claim the images not yet tagged by this model version."""
     plan = tagging.plan_run(params, model_version=model_version, run_id=run_id)
     get_run_logger().info(
-        "listed %d images: %d already tagged, %d new, %d resumed; %d shard(s) of <= %d",
+        "listed %d images: %d already tagged, %d new, %d resumed, %d error rows retried; "
+        "%d shard(s) of <= %d",
         plan.n_listed,
         plan.n_skipped,
         plan.n_new,
         plan.n_resumed,
+        plan.n_retried,
         len(plan.shards),
         plan.shard_size,
     )
     return plan
 
 
+def is_weather(exc: BaseException) -> bool:
+    """Whether a shard failed for a reason that may pass (network, credentials, throttling,
+    a hung read cut by the shard timeout), so a retry can succeed.
+
+    Facts about an image are error rows, never exceptions; what is left is weather or a
+    mistake (a model that does not match the plan, a broken registry) that a retry repeats.
+    botocore and aiohttp errors that s3fs lets through are all about reaching the store.
+    """
+    if isinstance(exc, UnreadableImageError):  # a fact about one image (if one escapes)
+        return False
+    if isinstance(exc, TransientReadError | OSError):  # TimeoutError, ConnectionError too
+        return True
+    if isinstance(exc, tagging.TaggingError | RegistryError):
+        return False
+    return any(c.__module__.split(".")[0] in ("botocore", "aiohttp") for c in type(exc).__mro__)
+
+
+def _retry_weather(task: Any, run: Any, state: Any) -> bool:
+    """Prefect's `retry_condition_fn`: retry a shard only when it failed for weather."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_weather(exc)
+    return False
+
+
+# Backoff for weather: throttling and 5xx clear in seconds, an expired token in minutes (a
+# refreshed credential file or role); jitter keeps the shards of a run (and of runs sharing
+# a store) from retrying in lock step. A shard still failing after the last retry fails the
+# run; its images stay untagged for the next run.
+SHARD_RETRY_DELAYS_S = [5, 30, 120]
+SHARD_RETRY_JITTER = 0.5
+
+
 @task(
     name="tag-shard",
-    retries=2,
-    retry_delay_seconds=[5, 30],
+    retries=len(SHARD_RETRY_DELAYS_S),
+    retry_delay_seconds=SHARD_RETRY_DELAYS_S,
+    retry_jitter_factor=SHARD_RETRY_JITTER,
+    retry_condition_fn=_retry_weather,
     task_run_name="tag-shard-{spec.shard_id}",
 )
 def tag_shard(spec: tagging.ShardSpec, params: TagParams, run_id: str) -> tagging.ShardResult:
-    """Idempotent: a shard already written (by a retry or another run) is skipped."""
+    """Idempotent: a shard already written (by a retry or another run) is skipped.
+
+    The flow sets its timeout (`params.shard_timeout_s`) with `with_options`.
+    """
     tagger = tagging.tagger_for(params, spec.model_version)
     return tagging.tag_shard(spec, tagger, run_id=run_id)
 

@@ -267,3 +267,226 @@ def test_kubernetes_job_renders_from_the_defaults(file: str, gpus: int) -> None:
     assert container["image"].endswith(":cuda" if gpus else ":cpu")
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert rendered["namespace"] == "multitag"
+
+
+# ---------------------------------------------------------------------------------------------
+# Compose: services that let no one in (issue 15, item 10)
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH|TOKEN|CREDENTIAL|PRIVATE|(?<!ACCESS_)KEY$")
+INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
+ROOT_VARS = {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+THROWAWAY_SECRETS = {
+    "MINIO_ROOT_PASSWORD": "throwaway-root-secret",
+    "POSTGRES_PASSWORD": "throwaway-pg-secret",
+    "PREFECT_AUTH_STRING": "admin:throwaway-prefect-secret",
+    "MULTITAG_STORE_PASSWORD": "throwaway-store-secret",
+}
+
+
+class MissingVariable(LookupError):
+    pass
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable interpolation (`$$`, `${X}`, `${X:-d}`, `${X-d}`, `${X:?e}`, `${X?e}`).
+
+    Mirrors the compose spec, so these tests see the values compose would pass to containers;
+    a `:?`/`?` variable left unset raises like `docker compose config` does.
+    """
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(4)
+        op, arg = m.group(2), m.group(3)
+        unset_or_empty = not env.get(name) if op and op.startswith(":") else name not in env
+        if op in (":-", "-") and unset_or_empty:
+            return arg
+        if op in (":?", "?") and unset_or_empty:
+            raise MissingVariable(f"{name}: {arg}")
+        return env.get(name, "")
+
+    return INTERPOLATION.sub(one, value)
+
+
+def variable_uses(compose_text: str) -> list[tuple[str, str | None, str]]:
+    """Every `${NAME<op><arg>}` in the file: (name, operator or None, argument)."""
+    return [
+        (m.group(1), m.group(2), m.group(3) or "")
+        for m in INTERPOLATION.finditer(compose_text)
+        if m.group(1)
+    ]
+
+
+def _all_strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _all_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _all_strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _parse_port(entry: Any) -> tuple[str, str, str]:
+    """(host_ip, published, target) of a compose `ports` entry, short or long syntax."""
+    if isinstance(entry, dict):
+        return str(entry.get("host_ip", "")), str(entry.get("published", "")), str(entry["target"])
+    parts = str(entry).split(":")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        return "", parts[0], parts[1]
+    return "", "", parts[0]
+
+
+def test_published_ports_bind_to_loopback_unless_the_user_opens_them(
+    compose: dict[str, Any],
+) -> None:
+    published = []
+    for name, service in compose["services"].items():
+        assert service.get("network_mode") != "host", name
+        for entry in service.get("ports", []):
+            raw_ip = _parse_port(entry)[0] if isinstance(entry, dict) else str(entry)
+            assert "${MULTITAG_BIND_ADDRESS:-127.0.0.1}" in raw_ip, f"{name}: {entry!r}"
+            host_ip, port, target = _parse_port(interpolate(entry, {}))
+            assert host_ip == "127.0.0.1", f"{name}: {entry!r} publishes beyond loopback"
+            assert port and target, f"{name}: {entry!r} publishes a random host port"
+            published.append((name, port))
+            opened = _parse_port(interpolate(entry, {"MULTITAG_BIND_ADDRESS": "10.0.0.5"}))
+            assert opened[0] == "10.0.0.5"  # the variable really opens it
+    assert sorted(published) == [("minio", "9000"), ("minio", "9001"), ("server", "4200")]
+    assert "postgres" not in {n for n, _ in published}
+    assert "0.0.0.0:" not in COMPOSE.read_text()
+
+
+def test_no_secret_has_a_default_and_every_secret_is_required(compose: dict[str, Any]) -> None:
+    text = COMPOSE.read_text()
+    uses = variable_uses(text)
+    secrets = {name for name, _, _ in uses if SECRET_NAME.search(name)}
+    assert secrets == set(THROWAWAY_SECRETS)
+    for name, op, _ in uses:
+        if name in secrets:
+            assert op == ":?", f"${{{name}}} must be ${{{name}:?...}} (required, no default)"
+    # Secret-like settings are never literals: each one comes from a required variable.
+    for sname, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key):
+                assert re.search(r"\$\{\w+:\?", str(value)), f"{sname}.{key} = {value!r}"
+
+
+def test_compose_refuses_to_start_without_the_secrets_and_resolves_with_them(
+    compose: dict[str, Any],
+) -> None:
+    for missing in THROWAWAY_SECRETS:
+        env = {k: v for k, v in THROWAWAY_SECRETS.items() if k != missing}
+        with pytest.raises(MissingVariable, match=missing):
+            interpolate(compose, env)
+    resolved = interpolate(compose, THROWAWAY_SECRETS)
+    leftovers = [s for s in _all_strings(resolved) if "${" in s]
+    assert not leftovers
+
+
+def test_workers_get_a_store_user_never_the_root_credentials(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        used = {n for s in _all_strings(service) for n, _, _ in variable_uses(s)}
+        if name in {"minio", "create-bucket"}:
+            continue
+        assert not used & ROOT_VARS, f"{name} sees MinIO's root credentials"
+    env = {**THROWAWAY_SECRETS, "MINIO_ROOT_USER": "root-user"}
+    for name in ("worker", "worker-gpu"):
+        worker_env = interpolate(services[name]["environment"], env)
+        assert worker_env["AWS_ACCESS_KEY_ID"] == "multitag-worker"
+        assert worker_env["AWS_SECRET_ACCESS_KEY"] == THROWAWAY_SECRETS["MULTITAG_STORE_PASSWORD"]
+        assert THROWAWAY_SECRETS["MINIO_ROOT_PASSWORD"] not in json.dumps(worker_env)
+    # The setup job makes exactly that user and gives it exactly the worker policy.
+    setup = services["create-bucket"]
+    script = " ".join(setup["command"])
+    assert 'mc admin user add local "$$MULTITAG_STORE_USER" "$$MULTITAG_STORE_PASSWORD"' in script
+    assert 'mc admin policy attach local multitag-worker --user "$$MULTITAG_STORE_USER"' in script
+    (mount,) = setup["configs"]
+    assert mount["source"] == "worker-policy"
+    assert f"mc admin policy create local multitag-worker {mount['target']}" in script
+
+
+def test_the_worker_policy_grants_only_the_named_prefixes(compose: dict[str, Any]) -> None:
+    content = interpolate(
+        compose["configs"]["worker-policy"]["content"], {"MULTITAG_BUCKET": "photos"}
+    )
+    policy = json.loads(content)
+    bucket = "arn:aws:s3:::photos"
+    read_only = {f"{bucket}/incoming/*"}
+    read_write = {f"{bucket}/home/models/*", f"{bucket}/home/tags/*", f"{bucket}/tags/*"}
+    grants: dict[str, set[str]] = {}
+    for st in policy["Statement"]:
+        assert st["Effect"] == "Allow" and "NotAction" not in st and "NotResource" not in st
+        for action in st["Action"]:
+            assert action.startswith("s3:") and "*" not in action, action
+            grants.setdefault(action, set()).update(st["Resource"])
+        if "s3:ListBucket" in st["Action"]:
+            prefixes = st["Condition"]["StringLike"]["s3:prefix"]
+            assert all(p.split("/")[0] in {"incoming", "home", "tags"} for p in prefixes)
+            assert all(
+                p in {"home", "home/"}
+                or p.startswith(("incoming", "home/models", "home/tags", "tags"))
+                for p in prefixes
+            )
+    assert grants["s3:ListBucket"] == grants["s3:GetBucketLocation"] == {bucket}
+    assert grants["s3:GetObject"] == read_only | read_write
+    for write in ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+        assert grants[write] == read_write, write
+    assert set(grants) == {
+        "s3:ListBucket",
+        "s3:GetBucketLocation",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+    }
+    # The prefixes are the ones the stack uses: the tag source/output and MULTITAG_HOME.
+    services = interpolate(compose["services"], {**THROWAWAY_SECRETS, "MULTITAG_BUCKET": "photos"})
+    assert services["deploy"]["environment"]["MULTITAG_TAG_SOURCE"] == "s3://photos/incoming/"
+    assert services["deploy"]["environment"]["MULTITAG_TAG_OUT"] == "s3://photos/tags/"
+    assert services["worker"]["environment"]["MULTITAG_HOME"] == "s3://photos/home"
+
+
+def test_the_prefect_api_asks_every_client_for_the_auth_string(compose: dict[str, Any]) -> None:
+    env = interpolate(compose["services"], THROWAWAY_SECRETS)
+    auth = THROWAWAY_SECRETS["PREFECT_AUTH_STRING"]
+    assert env["server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == auth
+    for client in ("deploy", "worker", "worker-gpu"):
+        assert env[client]["environment"]["PREFECT_API_AUTH_STRING"] == auth, client
+    # The health check stays unauthenticated on purpose (Prefect exempts /api/health).
+    assert "/api/health" in " ".join(compose["services"]["server"]["healthcheck"]["test"])
+
+
+def test_docker_compose_config_refuses_without_secrets_and_accepts_them(tmp_path: Path) -> None:
+    """Where a Docker CLI with compose exists, it agrees with the checks above."""
+    import os
+    import shutil
+    import subprocess
+
+    docker = shutil.which("docker")
+    has_compose = (
+        docker
+        and subprocess.run(
+            [docker, "compose", "version"], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+    if not has_compose:
+        pytest.skip("no `docker compose` here; the static checks above still ran")
+    base_env = {k: v for k, v in os.environ.items() if k not in THROWAWAY_SECRETS}
+    cmd = [docker, "compose", "--env-file", os.devnull, "-f", str(COMPOSE), "config", "--quiet"]
+    refused = subprocess.run(cmd, env=base_env, capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "infra/.env" in refused.stderr
+    ok = subprocess.run(
+        cmd, env={**base_env, **THROWAWAY_SECRETS}, capture_output=True, text=True, check=False
+    )
+    assert ok.returncode == 0, ok.stderr

@@ -1,7 +1,8 @@
 """The real download path: `acquire` over HTTP from `python -m http.server` on 127.0.0.1.
 
-Nothing is mocked between urllib and the server: fastdownload fetches the archive, untar_data
-extracts it. The server's request log tells how many times the archive was really fetched.
+Nothing is mocked between urllib and the server: fastdownload fetches the archive, acquire's
+checked extraction unpacks it. The server's request log tells how many times the archive was
+really fetched.
 """
 
 from __future__ import annotations
@@ -115,16 +116,16 @@ def shapes_archive(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def untar_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    import fastai.data.external as external
+    from multitag import datasets
 
-    real: Callable[..., Path] = external.untar_data
+    real: Callable[..., Path] = datasets._extract
     calls: list[str] = []
 
     def spy(url: str, *args: object, **kwargs: object) -> Path:
         calls.append(url)
         return real(url, *args, **kwargs)
 
-    monkeypatch.setattr(external, "untar_data", spy)
+    monkeypatch.setattr(datasets, "_extract", spy)  # the extraction step (after the checks)
     return calls
 
 

@@ -19,8 +19,11 @@ import pytest
 
 from multitag import tagging
 from multitag.config import TagParams
+from multitag.sources import TransientReadError
 from multitag.storage import write_bytes_atomic
-from multitag.tagging import list_images, plan_run, tag_shard, tag_source, validate_tags_table
+from multitag.tagging import list_images, plan_run, tag_shard, validate_tags_table
+from tests.s3_faults import FaultProxy, Request, expired_token, reset, s3_error
+from tests.tag_runs import run_tag_flow
 from tests.tagging_helpers import (
     TinyModel,
     hostile_files,
@@ -127,6 +130,7 @@ def test_missing_prefix_is_an_error(s3: tuple[Any, str]) -> None:
         list_images(f"s3://{bucket}/typo")
 
 
+@pytest.mark.usefixtures("prefect_harness")  # runs the tag flow
 def test_tag_s3_prefix_into_s3_parquet_and_resume(tiny: TinyModel, s3: tuple[Any, str]) -> None:
     fs, bucket = s3
     uris = upload_images(fs, f"{bucket}/photos", 18)
@@ -135,7 +139,7 @@ def test_tag_s3_prefix_into_s3_parquet_and_resume(tiny: TinyModel, s3: tuple[Any
     n_total = len(uris) + len(hostile_files())
     out = f"s3://{bucket}/tags"
 
-    first = tag_source(params(tiny, f"s3://{bucket}/photos", out))
+    first = run_tag_flow(params(tiny, f"s3://{bucket}/photos", out))
 
     assert first.output_uri == f"{out}/photos/model={tiny.version}"
     assert (first.listed, first.tagged + first.failed) == (n_total, n_total)
@@ -147,11 +151,11 @@ def test_tag_s3_prefix_into_s3_parquet_and_resume(tiny: TinyModel, s3: tuple[Any
     assert validate_tags_table(table, model_version=tiny.version) == []
     assert fs.exists(first.manifest_uri)
 
-    again = tag_source(params(tiny, f"s3://{bucket}/photos", out))
+    again = run_tag_flow(params(tiny, f"s3://{bucket}/photos", out))
     assert (again.tagged, again.failed, again.skipped) == (0, 0, n_total)
 
     more = upload_images(fs, f"{bucket}/photos/new", 5, seed=7)
-    grown = tag_source(params(tiny, f"s3://{bucket}/photos", out))
+    grown = run_tag_flow(params(tiny, f"s3://{bucket}/photos", out))
     assert (grown.tagged, grown.skipped) == (5, n_total)
     table = read_partition(fs, grown.output_uri)
     assert table.num_rows == n_total + len(more)
@@ -191,13 +195,163 @@ def test_racing_runs_on_s3_claim_and_write_each_image_once(
     assert table.num_rows == 12 and validate_tags_table(table) == []
 
 
+@pytest.mark.usefixtures("prefect_harness")  # runs the tag flow
 def test_duckdb_style_glob_does_not_pick_up_claim_files(
     tiny: TinyModel, s3: tuple[Any, str], tmp_path: Path
 ) -> None:
     """Claim files live outside the model partition and are not .parquet."""
     fs, bucket = s3
     upload_images(fs, f"{bucket}/photos", 3)
-    summary = tag_source(params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags"))
+    summary = run_tag_flow(params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags"))
     parquet = fs.glob(f"{bucket}/tags/photos/**/*.parquet")
     assert parquet and all("/model=" in p and "/_plans/" not in p for p in parquet)
     assert fs.glob(f"{bucket}/tags/photos/_plans/model={summary.model_version}/epoch-*.arrow")
+
+
+# ------------------------------------------- issue 15: weather vs facts, odd keys, byte cap
+
+
+@pytest.fixture
+def s3_proxied(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Any, str, FaultProxy]]:
+    """A fresh bucket, and an s3fs filesystem that reaches moto through the fault proxy.
+
+    Every s3fs instance made in the test (the pipeline's too) uses the proxy's endpoint.
+    """
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        bucket = f"multitag-{uuid.uuid4().hex[:12]}"
+        fs.mkdir(bucket)
+        yield fs, bucket, proxy
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def photo_gets(req: Request) -> bool:
+    """Object reads of the source photos (not listings, not the output's own files)."""
+    return req.method == "GET" and req.key.startswith("photos/")
+
+
+def tag_all(p: TagParams) -> tuple[tagging.RunPlan, tagging.TagSummary]:
+    plan = plan_run(p)
+    tagger = tagging.tagger_for(p, plan.model_version)
+    results = [tag_shard(spec, tagger, run_id=plan.run_id) for spec in plan.shards]
+    return plan, tagging.summarize_run(plan, results)
+
+
+def test_expired_token_fails_the_shard_and_a_rerun_tags_every_image(
+    tiny: TinyModel, s3_proxied: tuple[Any, str, FaultProxy]
+) -> None:
+    fs, bucket, proxy = s3_proxied
+    uris = upload_images(fs, f"{bucket}/photos", 6)
+    p = params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags")
+    plan = plan_run(p)
+    tagger = tagging.tagger_for(p, plan.model_version)
+
+    proxy.set_rule(expired_token(only=photo_gets))
+    with pytest.raises(TransientReadError, match="ExpiredToken") as info:
+        tag_shard(plan.shards[0], tagger, run_id=plan.run_id)
+    assert info.value.uri in uris and info.value.code == "ExpiredToken"
+    assert "credentials" in str(info.value)
+    assert proxy.counts["403 ExpiredToken"] >= 1
+    assert fs.glob(f"{bucket}/tags/photos/model=*/*.parquet") == []  # nothing written
+
+    proxy.set_rule(None)  # the credentials were renewed
+    rerun, summary = tag_all(p)
+    assert (rerun.n_resumed, summary.tagged, summary.failed) == (6, 6, 0)
+    table = read_partition(fs, rerun.partition_uri)
+    assert sorted(table.column("image_uri").to_pylist()) == uris
+    assert table.column("error").null_count == 6  # no error row came from the expired token
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [s3_error(503, "SlowDown", "Please reduce your request rate."), reset()],
+    ids=["slowdown", "reset"],
+)
+def test_a_read_s3fs_gives_up_on_is_weather_not_an_error_row(
+    tiny: TinyModel,
+    s3_proxied: tuple[Any, str, FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Any,
+) -> None:
+    import s3fs
+
+    fs, bucket, proxy = s3_proxied
+    upload_images(fs, f"{bucket}/photos", 3)
+    p = params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags")
+    plan = plan_run(p)
+    tagger = tagging.tagger_for(p, plan.model_version)
+    # Fewer retries than the defaults (botocore 5 attempts x s3fs 5) only to keep this short:
+    # what is tested is what happens once both give up.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)
+    s3fs.S3FileSystem.clear_instance_cache()
+    proxy.set_rule(lambda req: fault if photo_gets(req) else None)
+
+    with pytest.raises(TransientReadError) as info:
+        tag_shard(plan.shards[0], tagger, run_id=plan.run_id)
+    assert proxy.counts[fault.label] >= 4  # s3fs and botocore did retry before giving up
+    assert info.value.code != ""
+    assert fs.glob(f"{bucket}/tags/photos/model=*/*.parquet") == []
+
+
+def test_access_denied_on_one_object_is_its_error_row_and_the_rest_are_tagged(
+    tiny: TinyModel, s3_proxied: tuple[Any, str, FaultProxy]
+) -> None:
+    fs, bucket, proxy = s3_proxied
+    uris = upload_images(fs, f"{bucket}/photos", 4)
+    denied_key = uris[1].removeprefix(f"s3://{bucket}/")
+    denied = s3_error(403, "AccessDenied", "Access Denied")
+    proxy.set_rule(lambda req: denied if photo_gets(req) and req.key == denied_key else None)
+
+    plan, summary = tag_all(params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags"))
+
+    rows = {r["image_uri"]: r["error"] for r in read_partition(fs, plan.partition_uri).to_pylist()}
+    assert rows.pop(uris[1]).startswith("unreadable: access denied to this object (AccessDenied")
+    assert list(rows.values()) == [None] * 3
+    assert (summary.tagged, summary.failed) == (3, 1)
+
+
+def test_odd_keys_are_read_literally_and_the_byte_cap_uses_no_extra_request(
+    tiny: TinyModel, s3_proxied: tuple[Any, str, FaultProxy]
+) -> None:
+    fs, bucket, proxy = s3_proxied
+    good = shape_images(7, seed=5)
+    names = ["a::b.jpg", "#.jpg", "q?.jpg", "sp ace.jpg", "ünï.jpg", "100%.jpg", "img[1]*.jpg"]
+    for name, data in zip(names, good, strict=True):
+        fs.call_s3("put_object", Bucket=bucket, Key=f"photos/{name}", Body=data)
+    for name, data in [("a", b"decoy"), ("notes.txt", b"x"), ("huge.jpg", b"\xff" * 50_001)]:
+        fs.call_s3("put_object", Bucket=bucket, Key=f"photos/{name}", Body=data)
+
+    gets: list[str] = []
+    heads: list[str] = []
+
+    def spy(req: Request) -> None:
+        if req.key.startswith("photos/"):
+            (gets if req.method == "GET" else heads if req.method == "HEAD" else []).append(
+                req.key
+            )
+
+    proxy.set_rule(spy)  # type: ignore[arg-type]
+    p = params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags", max_bytes=50_000)
+    plan, summary = tag_all(p)
+
+    rows = {r["image_uri"]: r["error"] for r in read_partition(fs, plan.partition_uri).to_pylist()}
+    expected = {f"s3://{bucket}/photos/{n}": None for n in names}
+    huge = f"s3://{bucket}/photos/huge.jpg"
+    assert rows.pop(huge).startswith("too_large: 50001 bytes > max_bytes 50000")
+    assert rows == expected  # every odd key read as exactly itself, and tagged
+    assert (summary.not_images, summary.not_image_examples) == (
+        2,
+        [f"s3://{bucket}/photos/a", f"s3://{bucket}/photos/notes.txt"],
+    )
+    assert heads == []  # the size comes from the GET's headers: one request per image
+    assert sorted(gets) == sorted(f"photos/{n}" for n in [*names, "huge.jpg"])

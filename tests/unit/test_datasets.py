@@ -9,6 +9,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import stat
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -63,23 +67,21 @@ def tiny_archive(tmp_path: Path) -> Path:
 
 
 class UntarSpy:
-    """Counts untar_data calls (the extraction step) and can forbid them."""
+    """Counts calls of the extraction step (`datasets._extract`) and can forbid them."""
 
     def __init__(self, real: Callable[..., Path]) -> None:
         self.real, self.calls, self.forbidden = real, 0, False
 
     def __call__(self, *args: object, **kwargs: object) -> Path:
-        assert not self.forbidden, "untar_data was called, but nothing should be extracted"
+        assert not self.forbidden, "the archive was extracted, but nothing should be"
         self.calls += 1
         return self.real(*args, **kwargs)
 
 
 @pytest.fixture
 def untar_spy(monkeypatch: pytest.MonkeyPatch) -> UntarSpy:
-    import fastai.data.external as external
-
-    spy = UntarSpy(external.untar_data)
-    monkeypatch.setattr(external, "untar_data", spy)
+    spy = UntarSpy(datasets._extract)
+    monkeypatch.setattr(datasets, "_extract", spy)
     return spy
 
 
@@ -607,3 +609,146 @@ def test_cached_dataset_can_be_repacked_without_its_manifest(
     path = acquire(str(tiny_archive), str(home))
     again = pack_dataset(path, tmp_path / "repacked.tgz")
     assert not any(n.endswith(MANIFEST_NAME) for n in _iter_names(again))
+
+
+# ------------------------------------------------------------------ limits, modes, temp space
+
+
+def _bomb_tgz(path: Path, *, zeros: int = 8 * 1024**2) -> Path:
+    """A valid little dataset plus one member of zeros: ~1000x compression."""
+    return write_tgz(path, [*benign_members(), (tinfo("ds/train/zeros.jpg"), bytes(zeros))])
+
+
+def test_a_tar_bomb_is_refused_before_anything_is_written(
+    tmp_path: Path, home: Path, untar_spy: UntarSpy
+) -> None:
+    archive = _bomb_tgz(tmp_path / "in" / "bomb.tgz")
+    assert archive.stat().st_size < 64 * 1024  # 8 MiB of zeros in a few KB
+    untar_spy.forbidden = True
+    with pytest.raises(datasets.ArchiveTooLargeError) as err:
+        acquire(str(archive), str(home))
+    msg = str(err.value)
+    assert "expands" in msg and "over the limit of 100x" in msg and "Nothing was extracted" in msg
+    assert "MULTITAG_ARCHIVE_MAX_RATIO" in msg and not err.value.retryable
+    assert dataset_dirs(home) == [] and leftovers(home) == []
+
+
+def test_a_zip_bomb_is_refused_from_its_declared_sizes(
+    tmp_path: Path, home: Path, untar_spy: UntarSpy
+) -> None:
+    archive = tmp_path / "in" / "bomb.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ds/train.csv", "fname,labels,is_valid\na.jpg,x,False\n")
+        zf.writestr("ds/train/a.jpg", bytes(8 * 1024**2))
+    untar_spy.forbidden = True
+    with pytest.raises(datasets.ArchiveTooLargeError, match="expands"):
+        acquire(str(archive), str(home))
+    assert dataset_dirs(home) == [] and leftovers(home) == []
+
+
+def test_member_count_and_total_bytes_limits_are_configurable(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    many = [(tinfo(f"ds/train/{i:04d}.jpg"), b"x" * 100) for i in range(120)]
+    archive = write_tgz(tmp_path / "in" / "many.tgz", [*benign_members(), *many])
+    with pytest.raises(datasets.ArchiveTooLargeError, match="more than 100 members"):
+        acquire(str(archive), str(home), limits=datasets.ArchiveLimits(max_members=100))
+    monkeypatch.setenv("MULTITAG_ARCHIVE_MAX_BYTES", "5000")
+    with pytest.raises(datasets.ArchiveTooLargeError, match=r"more than 5,000 bytes.*MAX_BYTES"):
+        acquire(str(archive), str(home))
+    assert dataset_dirs(home) == [] and leftovers(home) == []
+    monkeypatch.setenv("MULTITAG_ARCHIVE_MAX_BYTES", "20000")
+    assert len(list((acquire(str(archive), str(home)) / "train").iterdir())) == 121
+    monkeypatch.setenv("MULTITAG_ARCHIVE_MAX_RATIO", "lots")
+    with pytest.raises(DatasetError, match="MULTITAG_ARCHIVE_MAX_RATIO='lots' is not a number"):
+        acquire(str(archive), str(home), force=True)
+
+
+def test_the_sha256_is_checked_before_the_archive_is_parsed(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = _bomb_tgz(tmp_path / "in" / "bomb.tgz")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a mismatched archive was parsed")
+
+    monkeypatch.setattr(datasets, "check_archive", never)
+    with pytest.raises(DatasetError, match=r"has sha256 [0-9a-f]{64}, expected 0{64}"):
+        acquire(str(archive), str(home), sha256="0" * 64)
+    assert dataset_dirs(home) == [] and leftovers(home) == []
+
+
+def test_setuid_and_world_writable_bits_are_stripped(tmp_path: Path, home: Path) -> None:
+    members = benign_members()
+    members[0][0].mode = 0o777  # world-writable top folder
+    evil = tinfo("ds/train/run.jpg")
+    evil.mode = 0o6777  # setuid + setgid + world-writable
+    archive = write_tgz(tmp_path / "in" / "modes.tgz", [*members, (evil, b"#!/bin/sh\n")])
+    path = acquire(str(archive), str(home))
+    for p in [path, *path.rglob("*")]:
+        mode = p.stat().st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), p
+        assert not mode & (stat.S_IWGRP | stat.S_IWOTH), (p, oct(mode))
+
+    info = zipfile.ZipInfo("ds/train/z.jpg")
+    info.external_attr = 0o106777 << 16  # a regular file with setuid/setgid, world-writable
+    zpath = acquire(str(_write_zip(tmp_path / "in" / "modes.zip", [(info, b"z")])), str(home))
+    for p in [zpath, *zpath.rglob("*")]:
+        if p.name == MANIFEST_NAME:  # ours, written 0600
+            continue
+        assert stat.S_IMODE(p.stat().st_mode) in (0o644, 0o755), (p, oct(p.stat().st_mode))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_extractors_temp_folder_is_removed_by_any_later_acquire(
+    tiny_archive: Path, tmp_path: Path, home: Path
+) -> None:
+    staging = home / "datasets" / ".fastai" / "staging"
+    host = socket.gethostname()
+    # Left by extractions of *another* dataset: one whose process is gone, one still running.
+    dead = staging / "other-123" / f".tmp-{_dead_pid()}-{host}-abc123"
+    live = staging / "other-123" / f".tmp-{os.getpid()}-{host}-def456"
+    for folder in (dead, live):
+        (folder / "other" / "train").mkdir(parents=True)
+        (folder / "other" / "train" / "half.jpg").write_bytes(b"half" * 1000)
+    acquire(str(tiny_archive), str(home))
+    assert not dead.exists(), "a dead extractor's temp folder was left behind"
+    assert (live / "other" / "train" / "half.jpg").is_file(), "a live extraction was removed"
+
+
+def test_extraction_runs_in_a_temp_folder_named_after_its_process(
+    tiny_archive: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Path] = []
+    real = datasets._extract
+
+    def spy(url: str, archive: Path, staging: Path) -> Path:
+        seen.append(staging)
+        return real(url, archive, staging)
+
+    monkeypatch.setattr(datasets, "_extract", spy)
+    acquire(str(tiny_archive), str(home))
+    [staging] = seen
+    assert staging.name.startswith(f".tmp-{os.getpid()}-{socket.gethostname()}-")
+    assert staging.is_relative_to(home / "datasets" / ".fastai" / "staging")
+    assert not staging.exists()
+    assert not list((home / "datasets" / ".fastai" / "staging").iterdir())
+
+
+def test_retrain_takes_the_archive_sha256_from_the_cli() -> None:
+    from pydantic import ValidationError
+
+    from flows.cli import _retrain_params, build_parser
+
+    digest = "ab" * 32
+    args = build_parser().parse_args(["retrain", "--data", "x.tgz", "--data-sha256", digest])
+    assert _retrain_params(args).data_sha256 == digest
+    bad = build_parser().parse_args(["retrain", "--data", "x.tgz", "--data-sha256", "abc"])
+    with pytest.raises(ValidationError, match="data_sha256"):
+        _retrain_params(bad)

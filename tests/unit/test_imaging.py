@@ -13,6 +13,7 @@ from PIL import Image
 from multitag.imaging import (
     DecodedImage,
     ImageDecodeError,
+    decodable_extensions,
     decode_image,
     fastai_resize,
     to_rgb,
@@ -167,6 +168,26 @@ def test_animated_gif_uses_first_frame() -> None:
 
     r, g, b = out.array.reshape(-1, 3).mean(0)
     assert r > 240 and g < 15 and b < 15
+
+
+def test_mpo_camera_file_decodes_its_first_frame_and_is_listed_as_an_image() -> None:
+    frames = [Image.new("RGB", (64, 48), c) for c in ((220, 20, 20), (20, 20, 220))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "MPO", save_all=True, append_images=frames[1:])
+    assert getattr(Image.open(io.BytesIO(buf.getvalue())), "n_frames", 1) == 2
+
+    out = decode_image(buf.getvalue(), 16)
+
+    assert (out.format, out.width, out.height) == ("MPO", 64, 48)
+    r, g, b = out.array.reshape(-1, 3).mean(0)
+    assert r > 200 and g < 40 and b < 40  # the first (red) frame, not the blue one
+    assert ".mpo" in decodable_extensions()
+
+
+def test_decodable_extensions_are_those_of_the_allowed_formats_only() -> None:
+    exts = decodable_extensions()
+    assert {".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".mpo"} <= exts
+    assert not exts & {".pdf", ".eps", ".psd", ".fits", ".h5", ".ico", ".txt"}
 
 
 @pytest.mark.parametrize(

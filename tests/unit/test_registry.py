@@ -54,14 +54,22 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 class FakeLoader:
-    """Stands in for training.load_learner_file: records what it was asked to unpickle."""
+    """Stands in for training.load_learner_file: records what it was asked to unpickle.
+
+    The registry hands it the verified bytes as a file object, never a path to re-open; a
+    `before_read` hook runs first (to swap the file on disk between the check and the load).
+    """
 
     def __init__(self) -> None:
-        self.calls: list[tuple[Path, bytes]] = []
+        self.calls: list[tuple[Path | None, bytes]] = []
+        self.before_read: Any = None
 
-    def __call__(self, path: Path, cpu: bool = True) -> str:
-        self.calls.append((Path(path), Path(path).read_bytes()))
-        return f"learner-from-{Path(path).name}"
+    def __call__(self, source: Any, cpu: bool = True) -> str:
+        assert hasattr(source, "read"), f"the loader was given a path to re-open: {source!r}"
+        if self.before_read is not None:
+            self.before_read()
+        self.calls.append((None, source.read()))
+        return "learner-from-model.pkl"
 
 
 @pytest.fixture
@@ -173,9 +181,9 @@ def test_round_trip_register_list_show_load(home: str, tmp_path: Path, loader: F
     assert loaded.learner == "learner-from-model.pkl"
     assert loaded.thresholds.vocab == VOCAB
     assert loaded.metrics == metrics_with(0.9) and loaded.inference == inference()
-    [(path, seen)] = loader.calls
+    [(_, seen)] = loader.calls
     assert seen == learner_file.read_bytes()
-    assert path == loaded.model_path
+    assert loaded.model_path.read_bytes() == seen  # the verified file is what was unpickled
 
 
 def test_remote_root_loads_from_verified_cache(tmp_path: Path, loader: FakeLoader, _cache: Path):
@@ -298,7 +306,8 @@ def test_metadata_load_verifies_but_never_unpickles(home: str, tmp_path: Path, l
     assert hashlib.sha256(meta.model_path.read_bytes()).hexdigest() == meta.sha256
     assert list(meta.thresholds.vocab) == list(VOCAB)
     loaded = registry.unpickle_model(meta)
-    assert [p for p, _ in loader.calls] == [meta.model_path] and loaded.sha256 == meta.sha256
+    assert [b for _, b in loader.calls] == [meta.model_path.read_bytes()]
+    assert loaded.sha256 == meta.sha256
     # a local file changed after the metadata was read is refused, not unpickled
     meta.model_path.write_bytes(meta.model_path.read_bytes() + b"x")
     with pytest.raises(IntegrityError, match=r"model\.pkl"):
@@ -512,3 +521,196 @@ def test_s3_round_trip_and_tamper(s3_home: str, tmp_path: Path, loader: FakeLoad
     with pytest.raises(IntegrityError, match=r"model\.pkl"):
         registry.load_model(s3_home)
     assert len(loader.calls) == 1
+
+
+# ------------------------------------------------------- compare-and-swap promotion chain
+
+
+def raw_champion(home: str) -> dict[str, Any]:
+    return json.loads(read_bytes(join(home, "models", "champion.json")))
+
+
+def test_promotion_chain_and_decision_log_agree_with_the_pointer(home: str, tmp_path: Path):
+    a = register(home, tmp_path, 0.5, version="a")
+    b = register(home, tmp_path, 0.7, version="b")
+    c = register(home, tmp_path, 0.6, version="c")
+    d = register(home, tmp_path, 0.9, version="d")
+    for version in (a, b, c, d):
+        registry.promote_if_better(home, version, "mAP")
+    promoted = [x for x in registry.list_decisions(home) if x["promoted"]]
+    assert [x["version"] for x in promoted] == [a, b, d]
+    assert [x["generation"] for x in promoted] == [1, 2, 3]
+    assert [x["champion_version"] for x in promoted] == [None, a, b]
+    [rejected] = [x for x in registry.list_decisions(home) if not x["promoted"]]
+    assert rejected["version"] == c and rejected["generation"] is None
+    champion = registry.get_champion(home)
+    assert champion == raw_champion(home)
+    assert champion["version"] == d and champion["generation"] == 3 and champion["previous"] == b
+    assert champion["decision"] == promoted[-1]
+
+
+def _intrude_once(monkeypatch: pytest.MonkeyPatch, intrude: Any) -> None:
+    """Run `intrude` right after the next promotion has read the chain: a real lost swap."""
+    real = registry._chain_head
+    pending = [intrude]
+
+    def head_then_intrude(home: str | None) -> Any:
+        head = real(home)
+        if pending:
+            pending.pop()()
+        return head
+
+    monkeypatch.setattr(registry, "_chain_head", head_then_intrude)
+
+
+def test_a_lost_swap_is_judged_again_against_the_winner(
+    home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    a = register(home, tmp_path, 0.5, version="a")
+    best = register(home, tmp_path, 0.9, version="best")
+    mid = register(home, tmp_path, 0.7, version="mid")
+    registry.promote_if_better(home, a, "mAP")
+    # mid beats a, the champion it read, but best takes the generation first: mid must lose.
+    _intrude_once(monkeypatch, lambda: registry.promote_if_better(home, best, "mAP"))
+    decision = registry.promote_if_better(home, mid, "mAP")
+    assert not decision.promoted and decision.lost_swaps == 1
+    assert (decision.champion_version, decision.champion_value) == (best, 0.9)
+    assert registry.get_champion(home)["version"] == best == raw_champion(home)["version"]
+    assert [x["version"] for x in registry.list_decisions(home) if x["promoted"]] == [a, best]
+
+
+def test_a_lost_swap_that_still_wins_takes_the_next_generation(
+    home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    a = register(home, tmp_path, 0.5, version="a")
+    best = register(home, tmp_path, 0.9, version="best")
+    mid = register(home, tmp_path, 0.7, version="mid")
+    registry.promote_if_better(home, a, "mAP")
+    _intrude_once(monkeypatch, lambda: registry.promote_if_better(home, mid, "mAP"))
+    decision = registry.promote_if_better(home, best, "mAP")
+    assert decision.promoted and decision.lost_swaps == 1 and decision.generation == 3
+    assert (decision.champion_version, decision.champion_value) == (mid, 0.7)
+    champion = registry.get_champion(home)
+    assert champion["version"] == best and champion["previous"] == mid
+    assert raw_champion(home) == champion
+
+
+def test_a_pointer_left_behind_by_a_killed_promoter_is_stepped_past(
+    home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: FakeLoader
+):
+    a = register(home, tmp_path, 0.5, version="a")
+    b = register(home, tmp_path, 0.7, version="b")
+    c = register(home, tmp_path, 0.6, version="c")
+    registry.promote_if_better(home, a, "mAP")
+    with monkeypatch.context() as m:  # killed after its swap, before champion.json moved
+        m.setattr(registry, "_point_champion", lambda *args: None)
+        assert registry.promote_if_better(home, b, "mAP").promoted
+    assert raw_champion(home)["version"] == a  # stale pointer...
+    assert registry.get_champion(home)["version"] == b  # ...that readers step past
+    assert registry.load_model(home).version == b
+    assert not registry.promote_if_better(home, c, "mAP").promoted  # judged against b
+    assert registry.promote(home, c).promoted  # the next promotion re-points champion.json
+    assert raw_champion(home)["version"] == c and raw_champion(home)["generation"] == 3
+
+
+def test_an_altered_champion_pointer_is_refused_at_tag_time(
+    home: str, tmp_path: Path, loader: FakeLoader
+):
+    from multitag import tagging
+    from multitag.config import TagParams
+
+    version = register(home, tmp_path)
+    registry.promote_if_better(home, version, "mAP")
+    params = TagParams(source=str(tmp_path), home=home)
+    assert tagging.resolve_model_version(params) == version
+    uri = join(home, "models", "champion.json")
+    good = read_bytes(uri)
+    write_bytes_atomic(uri, json.dumps({**json.loads(good), "sha256": "0" * 64}).encode())
+    with pytest.raises(IntegrityError, match=r"champion\.json .*was not used"):
+        tagging.resolve_model_version(params)
+    # A pointer from before the chain (no generation) is still checked against the version.
+    legacy = {"version": version, "sha256": "1" * 64, "metric": "mAP", "value": 0.9}
+    fs, path = fsspec.core.url_to_fs(join(home, "models", "_champion"))
+    fs.rm(path, recursive=True)
+    write_bytes_atomic(uri, json.dumps(legacy).encode())
+    with pytest.raises(IntegrityError, match=r"champion\.json names .*1111.*SHA256SUMS says"):
+        tagging.resolve_model_version(params)
+    assert loader.calls == []
+
+
+def test_a_model_swapped_between_check_and_load_is_never_unpickled(
+    tmp_path: Path, loader: FakeLoader
+):
+    home = str(tmp_path / "home")
+    version = register(home, tmp_path)
+    meta = registry.load_metadata(home, version)
+    verified = meta.model_path.read_bytes()
+    # The swap happens after the registry hashed the file, right before the loader reads.
+    loader.before_read = lambda: meta.model_path.write_bytes(b"evil pickle")
+    registry.unpickle_model(meta)
+    assert [b for _, b in loader.calls] == [verified]
+    assert meta.model_path.read_bytes() == b"evil pickle"
+    with pytest.raises(IntegrityError, match=r"model\.pkl"):  # and the next load refuses it
+        registry.unpickle_model(meta)
+
+
+# ------------------------------------------------------------ reused training stages
+
+
+def _stage(stage: Path) -> Path:
+    """A finished stage as train_stage leaves it: train.json (last) records the sha256s."""
+    import numpy as np
+
+    from multitag import retraining
+
+    stage.mkdir(parents=True)
+    (stage / "model.pkl").write_bytes(b"staged learner " + uuid.uuid4().bytes)
+    retraining._save_npz(
+        stage / "valid_preds.npz", probs=np.zeros((2, 3)), targets=np.zeros((2, 3), bool)
+    )
+    sums = {n: hashlib.sha256((stage / n).read_bytes()).hexdigest()
+            for n in ("model.pkl", "valid_preds.npz")}  # fmt: skip
+    for name, obj in (("thresholds.json", thresholds_json()), ("evaluation.json", {})):
+        retraining._write_json(stage / name, obj)
+    retraining._write_json(stage / "train.json", {"vocab": VOCAB, "sha256": sums})
+    return stage
+
+
+def test_a_tampered_staged_model_is_not_reused_nor_unpickled(
+    tmp_path: Path, loader: FakeLoader, monkeypatch: pytest.MonkeyPatch
+):
+    import multitag
+    from multitag import retraining
+
+    monkeypatch.setattr(multitag, "training", sys.modules["multitag.training"], raising=False)
+    stage = _stage(tmp_path / "stage")
+    assert retraining.stage_problem(stage) is None and retraining.stage_complete(stage)
+    flip_one_byte(str(stage / "model.pkl"))
+    problem = retraining.stage_problem(stage)
+    assert problem and "model.pkl" in problem and "changed after training" in problem
+    assert not retraining.stage_complete(stage)
+    with pytest.raises(retraining.StageIntegrityError, match=r"model\.pkl"):
+        retraining.register_stage(stage, str(tmp_path / "home"), dataset={}, contract_summary={})
+    assert loader.calls == []
+    # A stage from before sha256s were recorded cannot be vouched for either.
+    old = _stage(tmp_path / "old")
+    retraining._write_json(old / "train.json", {"vocab": VOCAB})
+    assert "records no sha256" in (retraining.stage_problem(old) or "")
+
+
+def test_stage_files_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from multitag import retraining
+
+    target = tmp_path / "train.json"
+    target.write_text('{"old": true}\n')
+    real_fsync = os.fsync
+
+    def die(fd: int) -> None:  # the process dies before the new content is in place
+        real_fsync(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", die)
+    with pytest.raises(KeyboardInterrupt):
+        retraining._write_json(target, {"new": list(range(1000))})
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["train.json"]
