@@ -50,7 +50,14 @@ class _NoWorkerThreadTimeoutWarning(logging.Filter):
         return not str(record.msg).startswith("Timeout of %s seconds configured for this task")
 
 
-logging.getLogger("prefect.task_runs").addFilter(_NoWorkerThreadTimeoutWarning())
+_TIMEOUT_WARNING_FILTER = _NoWorkerThreadTimeoutWarning()
+
+
+def _quiet_worker_thread_timeout_warning() -> None:
+    """Install the filter once, when a run starts (not at import: importing has no effects)."""
+    task_logger = logging.getLogger("prefect.task_runs")
+    if _TIMEOUT_WARNING_FILTER not in task_logger.filters:
+        task_logger.addFilter(_TIMEOUT_WARNING_FILTER)
 
 
 def dask_runner_for(params: TagParams) -> Any:
@@ -102,7 +109,12 @@ def _tag_all(
     progress = create_progress_artifact(
         progress=0.0, key="tagging-progress", description=f"shards of run {run_id}"
     )
-    shard_task = tag_shard.with_options(timeout_seconds=params.shard_timeout_s)
+    delays = [float(d) for d in params.shard_retry_delays_s]
+    shard_task = tag_shard.with_options(
+        timeout_seconds=params.shard_timeout_s,
+        retries=len(delays),
+        retry_delay_seconds=delays or 0,
+    )
     t0 = time.perf_counter()
     todo = iter(plan.shards)
     limit = max_in_flight or max(len(plan.shards), 1)
@@ -194,6 +206,7 @@ def _shards_stop_on_sigterm() -> Iterator[None]:
 @flow(name="tag-images", flow_run_name=_tag_run_name, log_prints=True)
 def tag_images(params: TagParams) -> dict[str, Any]:
     """Tag every image under params.source exactly once per model version."""
+    _quiet_worker_thread_timeout_warning()
     params = params.with_home_resolved()
     version = resolve_model(params)
     run_id = tagging.new_run_id()

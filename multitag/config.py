@@ -229,6 +229,13 @@ class TagParams(BaseModel):
         description="A shard task running longer fails (and is retried): one hung read "
         "cannot stall a run. Generous: a 1,000-photo shard takes ~10-100 s.",
     )
+    shard_retry_delays_s: list[float] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0],
+        max_length=20,
+        description="Waits before each retry of a shard that failed for weather (network, "
+        "credentials, throttling); one retry per entry, with jitter. Throttling and 5xx clear "
+        "in seconds, a refreshed credential in minutes. [] never retries.",
+    )
     dask_address: str | None = Field(None, description="Dask scheduler to fan shards out to.")
     dask_local_workers: int | None = Field(
         None, ge=1, le=256, description="Start a local Dask cluster."

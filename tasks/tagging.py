@@ -82,18 +82,18 @@ def _retry_weather(task: Any, run: Any, state: Any) -> bool:
     return False
 
 
-# Backoff for weather: throttling and 5xx clear in seconds, an expired token in minutes (a
-# refreshed credential file or role); jitter keeps the shards of a run (and of runs sharing
-# a store) from retrying in lock step. A shard still failing after the last retry fails the
-# run; its images stay untagged for the next run.
-SHARD_RETRY_DELAYS_S = [5, 30, 120]
+# Backoff for weather: the flow sets the delays from `TagParams.shard_retry_delays_s`
+# (default 5, 30, 120 s); jitter keeps the shards of a run (and of runs sharing a store) from
+# retrying in lock step. A shard still failing after the last retry fails the run; its images
+# stay untagged for the next run.
+SHARD_RETRY_DEFAULTS_S = [5.0, 30.0, 120.0]
 SHARD_RETRY_JITTER = 0.5
 
 
 @task(
     name="tag-shard",
-    retries=len(SHARD_RETRY_DELAYS_S),
-    retry_delay_seconds=SHARD_RETRY_DELAYS_S,
+    retries=len(SHARD_RETRY_DEFAULTS_S),
+    retry_delay_seconds=SHARD_RETRY_DEFAULTS_S,
     retry_jitter_factor=SHARD_RETRY_JITTER,
     retry_condition_fn=_retry_weather,
     task_run_name="tag-shard-{spec.shard_id}",

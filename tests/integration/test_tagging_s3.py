@@ -8,6 +8,7 @@ creates (If-None-Match) for claim files and shards, and pyarrow reading the resu
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from multitag.sources import TransientReadError
 from multitag.storage import write_bytes_atomic
 from multitag.tagging import list_images, plan_run, tag_shard, validate_tags_table
 from tests.s3_faults import FaultProxy, Request, expired_token, reset, s3_error
-from tests.tag_runs import run_tag_flow
+from tests.tag_runs import run_tag_flow, summary_from_dict
 from tests.tagging_helpers import (
     TinyModel,
     hostile_files,
@@ -239,36 +240,73 @@ def photo_gets(req: Request) -> bool:
     return req.method == "GET" and req.key.startswith("photos/")
 
 
-def tag_all(p: TagParams) -> tuple[tagging.RunPlan, tagging.TagSummary]:
-    plan = plan_run(p)
-    tagger = tagging.tagger_for(p, plan.model_version)
-    results = [tag_shard(spec, tagger, run_id=plan.run_id) for spec in plan.shards]
-    return plan, tagging.summarize_run(plan, results)
+NO_RETRY_WAIT = [0.0, 0.0]  # retries without the 5-120 s production backoff
 
 
-def test_expired_token_fails_the_shard_and_a_rerun_tags_every_image(
+@pytest.mark.usefixtures("prefect_harness")  # runs the tag flow, the one shard runner
+def test_expired_token_fails_the_run_without_error_rows_and_a_rerun_tags_every_image(
     tiny: TinyModel, s3_proxied: tuple[Any, str, FaultProxy]
 ) -> None:
+    from flows.tag import ShardsFailedError
+
     fs, bucket, proxy = s3_proxied
     uris = upload_images(fs, f"{bucket}/photos", 6)
-    p = params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags")
-    plan = plan_run(p)
-    tagger = tagging.tagger_for(p, plan.model_version)
+    p = params(
+        tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags", shard_retry_delays_s=NO_RETRY_WAIT
+    )
 
-    proxy.set_rule(expired_token(only=photo_gets))
-    with pytest.raises(TransientReadError, match="ExpiredToken") as info:
-        tag_shard(plan.shards[0], tagger, run_id=plan.run_id)
-    assert info.value.uri in uris and info.value.code == "ExpiredToken"
-    assert "credentials" in str(info.value)
-    assert proxy.counts["403 ExpiredToken"] >= 1
+    proxy.set_rule(expired_token(only=photo_gets))  # expired for the whole run
+    with pytest.raises(ShardsFailedError, match="ExpiredToken") as failed:
+        run_tag_flow(p)
+    cause = failed.value.__cause__
+    assert isinstance(cause, TransientReadError) and cause.code == "ExpiredToken"
+    assert cause.uri in uris and "credentials" in str(cause)
+    # The shard was tried three times (the run's two retries), each met the expired token.
+    assert proxy.counts["403 ExpiredToken"] >= 3
     assert fs.glob(f"{bucket}/tags/photos/model=*/*.parquet") == []  # nothing written
+    (manifest,) = fs.glob(f"{bucket}/tags/photos/_manifests/*.json")
+    failed_run = summary_from_dict(json.loads(fs.cat_file(manifest)))
+    assert (failed_run.status, failed_run.tagged, failed_run.failed) == ("failed", 0, 0)
 
     proxy.set_rule(None)  # the credentials were renewed
-    rerun, summary = tag_all(p)
-    assert (rerun.n_resumed, summary.tagged, summary.failed) == (6, 6, 0)
-    table = read_partition(fs, rerun.partition_uri)
+    summary = run_tag_flow(p)
+    assert (summary.resumed, summary.tagged, summary.failed) == (6, 6, 0)
+    table = read_partition(fs, summary.output_uri)
     assert sorted(table.column("image_uri").to_pylist()) == uris
     assert table.column("error").null_count == 6  # no error row came from the expired token
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_token_that_expires_mid_run_is_retried_within_the_run(
+    tiny: TinyModel, s3_proxied: tuple[Any, str, FaultProxy]
+) -> None:
+    """A credential refreshed while the shard waits for its retry: the run completes."""
+    fs, bucket, proxy = s3_proxied
+    uris = upload_images(fs, f"{bucket}/photos", 6)
+    expired = expired_token(only=photo_gets)
+    hits = {"n": 0}
+
+    def first_reads_expired(req: Request) -> Any:
+        fault = expired(req)
+        if fault is not None and hits["n"] < 2:
+            hits["n"] += 1
+            return fault
+        return None
+
+    proxy.set_rule(first_reads_expired)
+    summary = run_tag_flow(
+        params(
+            tiny,
+            f"s3://{bucket}/photos",
+            f"s3://{bucket}/tags",
+            shard_retry_delays_s=NO_RETRY_WAIT,
+        )
+    )
+    assert (summary.status, summary.tagged, summary.failed) == ("completed", 6, 0)
+    assert proxy.counts["403 ExpiredToken"] == 2
+    table = read_partition(fs, summary.output_uri)
+    assert sorted(table.column("image_uri").to_pylist()) == uris
+    assert table.column("error").null_count == 6
 
 
 @pytest.mark.parametrize(
@@ -303,6 +341,7 @@ def test_a_read_s3fs_gives_up_on_is_weather_not_an_error_row(
     assert fs.glob(f"{bucket}/tags/photos/model=*/*.parquet") == []
 
 
+@pytest.mark.usefixtures("prefect_harness")
 def test_access_denied_on_one_object_is_its_error_row_and_the_rest_are_tagged(
     tiny: TinyModel, s3_proxied: tuple[Any, str, FaultProxy]
 ) -> None:
@@ -312,14 +351,15 @@ def test_access_denied_on_one_object_is_its_error_row_and_the_rest_are_tagged(
     denied = s3_error(403, "AccessDenied", "Access Denied")
     proxy.set_rule(lambda req: denied if photo_gets(req) and req.key == denied_key else None)
 
-    plan, summary = tag_all(params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags"))
+    summary = run_tag_flow(params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags"))
 
-    rows = {r["image_uri"]: r["error"] for r in read_partition(fs, plan.partition_uri).to_pylist()}
+    rows = {r["image_uri"]: r["error"] for r in read_partition(fs, summary.output_uri).to_pylist()}
     assert rows.pop(uris[1]).startswith("unreadable: access denied to this object (AccessDenied")
     assert list(rows.values()) == [None] * 3
     assert (summary.tagged, summary.failed) == (3, 1)
 
 
+@pytest.mark.usefixtures("prefect_harness")
 def test_odd_keys_are_read_literally_and_the_byte_cap_uses_no_extra_request(
     tiny: TinyModel, s3_proxied: tuple[Any, str, FaultProxy]
 ) -> None:
@@ -336,15 +376,14 @@ def test_odd_keys_are_read_literally_and_the_byte_cap_uses_no_extra_request(
 
     def spy(req: Request) -> None:
         if req.key.startswith("photos/"):
-            (gets if req.method == "GET" else heads if req.method == "HEAD" else []).append(
-                req.key
-            )
+            seen = {"GET": gets, "HEAD": heads}.get(req.method, [])
+            seen.append(req.key)
 
     proxy.set_rule(spy)  # type: ignore[arg-type]
     p = params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags", max_bytes=50_000)
-    plan, summary = tag_all(p)
+    summary = run_tag_flow(p)
 
-    rows = {r["image_uri"]: r["error"] for r in read_partition(fs, plan.partition_uri).to_pylist()}
+    rows = {r["image_uri"]: r["error"] for r in read_partition(fs, summary.output_uri).to_pylist()}
     expected = {f"s3://{bucket}/photos/{n}": None for n in names}
     huge = f"s3://{bucket}/photos/huge.jpg"
     assert rows.pop(huge).startswith("too_large: 50001 bytes > max_bytes 50000")

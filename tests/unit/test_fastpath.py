@@ -288,7 +288,10 @@ def test_precision_fp32_is_exact_fastai_get_preds_scores_on_big_photos(
     off = np.abs(scores(exact) - expected.numpy()).max()
     exact.draft = True  # the reduced-scale decode: what the exact mode must not do
     drafted_off = np.abs(scores(exact) - expected.numpy()).max()
-    assert off < 1e-6 and drafted_off > 1e-5  # measured: 6e-8 and 3.4e-5
+    # Same 12-image batch both ways, but fastai normalises on tensors and we from numpy: the
+    # kernels may round differently on another x86 (AMD vs Intel); 4e-6 still tells the exact
+    # decode (6e-8 measured) from the reduced-scale one (3.4e-5).
+    assert off < 4e-6 and drafted_off > 1e-5
 
 
 def tiny_sha(tiny: TinyModel) -> str:

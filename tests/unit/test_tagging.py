@@ -410,15 +410,7 @@ def test_a_shard_finished_by_another_run_is_not_written_twice(
     assert [p.name for p in Path(spec.part_uri).parent.iterdir()] == [Path(spec.part_uri).name]
 
 
-@uses_flow
-def no_retry_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flow's shard task with its retries but no backoff between them (5-120 s)."""
-    import flows.tag
-    import tasks.tagging
-
-    monkeypatch.setattr(
-        flows.tag, "tag_shard", tasks.tagging.tag_shard.with_options(retry_delay_seconds=0)
-    )
+NO_RETRY_WAIT = [0.0, 0.0, 0.0]  # the default's three retries, without its 5-120 s backoff
 
 
 @uses_flow
@@ -428,7 +420,6 @@ def test_failed_shard_writes_a_failed_manifest_and_rerun_finishes(
     """The network goes for good after the first shard: the second shard fails after its
     retries, no further shard starts, and the run ends failed with its manifest written."""
     from flows.tag import ShardsFailedError
-    from tasks.tagging import SHARD_RETRY_DELAYS_S
 
     src, out = tmp_path / "src", tmp_path / "out"
     write_images(src, 30)
@@ -442,11 +433,10 @@ def test_failed_shard_writes_a_failed_manifest_and_rerun_finishes(
         return real(uris, **kw)
 
     monkeypatch.setattr(tg, "read_many", flaky)
-    no_retry_wait(monkeypatch)
     with pytest.raises(ShardsFailedError, match="ConnectionError: simulated") as failed:
-        run_tag_flow(params_for(tiny, src, out, batch_size=5))
+        run_tag_flow(params_for(tiny, src, out, batch_size=5, shard_retry_delays_s=NO_RETRY_WAIT))
     assert isinstance(failed.value.__cause__, ConnectionError)
-    assert calls["n"] == 2 + 1 + len(SHARD_RETRY_DELAYS_S)  # shard 2's tries; shard 3 never ran
+    assert calls["n"] == 2 + 1 + len(NO_RETRY_WAIT)  # shard 2's tries; shard 3 never ran
     manifest = json.loads(next((out / "src" / "_manifests").glob("*.json")).read_text())
     assert manifest["status"] == "failed" and "simulated" in manifest["error"]
     assert manifest["tagged"] == 10  # the first shard (two batches) was written
@@ -473,8 +463,9 @@ def test_a_transient_read_failure_is_retried_within_the_run(
         return real(uris, **kw)
 
     monkeypatch.setattr(tg, "read_many", flaky)
-    no_retry_wait(monkeypatch)
-    summary = run_tag_flow(params_for(tiny, src, out, batch_size=5))
+    summary = run_tag_flow(
+        params_for(tiny, src, out, batch_size=5, shard_retry_delays_s=NO_RETRY_WAIT)
+    )
     assert (summary.status, summary.tagged, summary.failed) == ("completed", 30, 0)
     assert calls["n"] == 7  # 6 batches, one read twice: the shard's retry, not an error row
     table = read_tags(summary.output_uri)
@@ -500,10 +491,13 @@ def test_a_hung_read_is_cut_by_the_shard_timeout_and_the_shard_retried(
         return real(uris, **kw)
 
     monkeypatch.setattr(tg, "read_many", hangs_once)
-    no_retry_wait(monkeypatch)
     t0 = time.monotonic()
     try:
-        summary = run_tag_flow(params_for(tiny, src, out, batch_size=5, shard_timeout_s=2))
+        summary = run_tag_flow(
+            params_for(
+                tiny, src, out, batch_size=5, shard_timeout_s=2, shard_retry_delays_s=NO_RETRY_WAIT
+            )
+        )
     finally:
         release.set()
     assert time.monotonic() - t0 < 60
