@@ -99,11 +99,12 @@ def register_trained(
     `n_valid`: validation images (default 20% of n_train + n_valid); the export-time fast-path
     check runs on all of them, as `multitag retrain` does.
     """
-    from multitag import registry, training
-    from multitag import thresholds as th
+    from multitag import registry
     from multitag.config import ThresholdParams, TrainParams, shapes_train_params
-    from multitag.retraining import export_fastpath
-    from multitag.shapes import make_shapes_dataset
+    from multitag.data.shapes import make_shapes_dataset
+    from multitag.training import learner as training
+    from multitag.training import thresholds as th
+    from multitag.training.retraining import export_fastpath
 
     shutil.rmtree(work / f"shapes-{img_size}", ignore_errors=True)  # the generator never overwrites
     total = n_train if n_valid is None else n_train + n_valid
@@ -192,7 +193,7 @@ def run_fastai_script(root: Path, model_file: Path, source: Path, run: str) -> d
 
 
 def load_learner(model_file: Path) -> Any:
-    from multitag.training import load_learner_file
+    from multitag.training.learner import load_learner_file
 
     return load_learner_file(model_file)
 
@@ -221,7 +222,7 @@ def decision_flips(labels: dict[str, list[str]], probs: np.ndarray, files: list[
                    thresholds: Any) -> tuple[int, int]:  # fmt: skip
     """(decisions that differ from fastai fp32 get_preds's, decisions): the counts, so that
     a report can say how far the sample lets the rate be trusted."""
-    from multitag.thresholds import apply_thresholds
+    from multitag.training.thresholds import apply_thresholds
 
     base = apply_thresholds(probs.astype(np.float32), thresholds)
     vocab = list(thresholds.vocab)
@@ -246,8 +247,8 @@ def wilson_lower(successes: int, n: int, z: float = 1.96) -> float:
 def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, root: Path,
                      batch: int, repeats: int) -> dict[str, float]:  # fmt: skip
     """img/s of each scorer on a pre-decoded uint8 batch (no decode, no I/O)."""
-    from multitag import fastpath
-    from multitag.tagger import TorchScorer
+    from multitag.inference import fastpath
+    from multitag.inference.tagger import TorchScorer
 
     size, mean, std = spec["img_size"], spec["mean"], spec["std"]
     n_labels = len(spec["vocab"])
@@ -275,7 +276,7 @@ def tagger_alone(root: Path, files: list[Path], repeats: int) -> dict[str, Any]:
     """img/s of the tagging pipeline itself: the registered model as `auto` loads it, reading,
     decoding (its background threads) and scoring `files`; nothing else in the window."""
     from multitag.config import TagParams
-    from multitag.tagger import load_tagger
+    from multitag.inference.tagger import load_tagger
 
     tagger = load_tagger(TagParams(source=str(files[0].parent), home=str(root / "home")))
     uris = [str(f) for f in files]
@@ -284,7 +285,7 @@ def tagger_alone(root: Path, files: list[Path], repeats: int) -> dict[str, Any]:
 
 
 def decode_ceiling(files: list[Path], img_size: int, repeats: int) -> float:
-    from multitag.imaging import decode_image
+    from multitag.inference.imaging import decode_image
 
     blobs = [f.read_bytes() for f in files]
     return median_rate(
@@ -449,7 +450,7 @@ def bench_trained_agreement(plan: Plan, work: Path,
 
 def _agreement_verdict(flips: int, decisions: int) -> str:
     """The rate, its sample and whether it clears the bar beyond the sample's noise."""
-    from multitag.fastpath import DEFAULT_AGREEMENT_BAR as bar
+    from multitag.inference.fastpath import DEFAULT_AGREEMENT_BAR as bar
 
     rate, low = 1.0 - flips / decisions, wilson_lower(decisions - flips, decisions)
     if rate < bar:

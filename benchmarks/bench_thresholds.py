@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.common import cpu_model
 from multitag.config import ThresholdParams
-from multitag.thresholds import evaluate, select_thresholds
+from multitag.training.thresholds import evaluate, select_thresholds
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Threshold selection"

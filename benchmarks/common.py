@@ -159,7 +159,7 @@ def make_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> l
     """
     from PIL import Image
 
-    from multitag.shapes import render_scene, scene_for
+    from multitag.data.shapes import render_scene, scene_for
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

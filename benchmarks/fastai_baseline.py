@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from fastai.vision.all import load_learner
 
-    import multitag.models  # noqa: F401  (shapes_cnn, when the model is one)
+    import multitag.training.models  # noqa: F401  (shapes_cnn, when the model is one)
 
     torch.set_num_threads(os.cpu_count() or 1)
     learn = load_learner(args.model, cpu=True)

@@ -62,7 +62,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from multitag.contracts import ContractError, DatasetUnusableError, validate_dataset
+    from multitag.data.contracts import ContractError, DatasetUnusableError, validate_dataset
 
     try:
         report = validate_dataset(args.dataset_dir, check_images=not args.skip_images)
@@ -419,7 +419,7 @@ def _prefetch(params) -> None:  # params: multitag.config.TagParams
     is imported (~1.4 s of one core, during which the head start tags on the other).
 
     The home is resolved as `tag_images` resolves it, so its shard tasks find the cached
-    tagger and the rows its head start tagged meanwhile (`multitag.headstart`).
+    tagger and the rows its head start tagged meanwhile (`multitag.tagging.headstart`).
     """
     from multitag import tagging
 

@@ -14,7 +14,6 @@ from prefect import flow, get_run_logger, task
 
 from flows.retrain import retrain
 from flows.tag import tag_images
-from multitag import datasets
 from multitag.config import (
     DemoParams,
     RetrainParams,
@@ -23,6 +22,7 @@ from multitag.config import (
     get_settings,
     shapes_train_params,
 )
+from multitag.data import datasets
 from multitag.storage import join
 
 

@@ -7,8 +7,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from multitag.config import RetrainParams, get_settings
-from multitag.retraining import staging_root
 from multitag.storage import is_local
+from multitag.training.retraining import staging_root
 from tasks.retrain import (
     acquire_dataset,
     promote_if_better,

@@ -24,8 +24,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from multitag import tagger, tagging
+from multitag import tagging
 from multitag.config import TagParams
+from multitag.inference import tagger
 from tasks.tagging import plan_tagging, resolve_model, tag_shard, write_manifest
 
 

@@ -116,7 +116,7 @@ def shapes_train_params(**overrides: object) -> TrainParams:
 
 
 class ThresholdParams(BaseModel):
-    """How per-label thresholds are chosen on validation predictions (see multitag.thresholds).
+    """How per-label thresholds are chosen on validation data (multitag.training.thresholds).
 
     Objectives: `f1` / `accuracy` maximise that metric (globally: micro-F1 / accuracy_multi);
     `recall_at_precision` takes the lowest threshold whose precision meets `precision_target`;
@@ -268,7 +268,7 @@ class TagParams(BaseModel):
         "Pillow's own global limit only.",
     )
     max_bytes: int | None = Field(
-        100 * 2**20,  # = multitag.sources.DEFAULT_MAX_BYTES (camera photos are 3-40 MB)
+        100 * 2**20,  # = multitag.inference.sources.DEFAULT_MAX_BYTES (camera photos are 3-40 MB)
         ge=1,
         description="Files larger than this many bytes become 'too_large' error rows, "
         "decided from their size without reading them; None: no cap.",

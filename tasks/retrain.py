@@ -7,8 +7,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from multitag import contracts, datasets, registry, reports, retraining, storage
+from multitag import registry, storage
 from multitag.config import ThresholdParams, TrainParams
+from multitag.data import contracts, datasets
+from multitag.training import reports, retraining
 from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
 
 

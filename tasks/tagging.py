@@ -9,8 +9,8 @@ from prefect import get_run_logger, task
 
 from multitag import tagging
 from multitag.config import TagParams
+from multitag.inference.sources import TransientReadError, UnreadableImageError
 from multitag.registry import RegistryError
-from multitag.sources import TransientReadError, UnreadableImageError
 from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
 
 

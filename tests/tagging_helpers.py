@@ -54,11 +54,12 @@ def register_tiny_model(
     `with_fastpath`: also export and check the CPU fast path on the validation images and
     register it with the version, as the retrain flow does (a few more seconds).
     """
-    from multitag import registry, training
-    from multitag import thresholds as th
+    from multitag import registry
     from multitag.config import ThresholdParams, shapes_train_params
-    from multitag.retraining import label_prevalence
-    from multitag.shapes import make_shapes_dataset
+    from multitag.data.shapes import make_shapes_dataset
+    from multitag.training import learner as training
+    from multitag.training import thresholds as th
+    from multitag.training.retraining import label_prevalence
 
     dataset = make_shapes_dataset(work / "shapes", n_train=96, n_test=4, img_size=TINY_IMG_SIZE)
     params = shapes_train_params(img_size=TINY_IMG_SIZE, epochs=1, batch_size=32)
@@ -75,7 +76,7 @@ def register_tiny_model(
     }
     extra: dict[str, Path] = {}
     if with_fastpath:
-        from multitag.retraining import export_fastpath
+        from multitag.training.retraining import export_fastpath
 
         spec = training.inference_spec(result.learner)
         extra, metrics["fastpath"] = export_fastpath(

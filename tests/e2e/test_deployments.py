@@ -117,7 +117,7 @@ def run_deployment(stack: PrefectStack, deployment_id: UUID, params: dict | None
 
 def run_scenario(stack: PrefectStack, code_dir: Path, prefect_file: Path, work: Path) -> Scenario:
     """Pool -> deploy -> worker -> retrain -> tag, exactly as the README tells a user."""
-    from multitag.shapes import make_shapes_dataset
+    from multitag.data.shapes import make_shapes_dataset
 
     dataset = make_shapes_dataset(
         work / "shapes", n_train=N_TRAIN, n_test=N_TEST, img_size=IMG_SIZE, seed=7

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from multitag.datasets import DatasetError, acquire, make_shapes_dataset, pack_dataset
+from multitag.data.datasets import DatasetError, acquire, make_shapes_dataset, pack_dataset
 
 
 @dataclass
@@ -116,7 +116,7 @@ def shapes_archive(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def untar_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from multitag import datasets
+    from multitag.data import datasets
 
     real: Callable[..., Path] = datasets._extract
     calls: list[str] = []

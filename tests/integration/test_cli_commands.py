@@ -9,7 +9,7 @@ import pytest
 
 from flows.cli import main
 from multitag import registry
-from multitag.shapes import make_shapes_dataset
+from multitag.data.shapes import make_shapes_dataset
 from tests.tagging_helpers import register_tiny_model
 
 pytestmark = pytest.mark.slow

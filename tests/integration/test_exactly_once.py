@@ -28,8 +28,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from multitag import storage, tagging
-from multitag import tagger as tg
 from multitag.config import TagParams
+from multitag.inference import tagger as tg
 from multitag.tagging import (
     ConditionalWritesIgnoredError,
     Tagger,

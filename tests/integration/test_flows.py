@@ -8,10 +8,11 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from multitag import registry, retraining
+from multitag import registry
 from multitag.config import RetrainParams, TagParams, ThresholdParams, shapes_train_params
-from multitag.datasets import pack_dataset
-from multitag.shapes import make_shapes_dataset
+from multitag.data.datasets import pack_dataset
+from multitag.data.shapes import make_shapes_dataset
+from multitag.training import retraining
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -25,7 +25,7 @@ import pytest
 
 from multitag import registry
 from multitag.storage import join, read_bytes
-from multitag.thresholds import ThresholdSet
+from multitag.training.thresholds import ThresholdSet
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = ["a", "b"]

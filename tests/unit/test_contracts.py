@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from multitag.contracts import (
+from multitag.data.contracts import (
     DEFAULT_CONTRACT,
     ContractError,
     ContractReport,

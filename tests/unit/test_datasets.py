@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multitag import datasets
 from multitag.config import PASCAL_2007_URL
-from multitag.datasets import (
+from multitag.data import datasets
+from multitag.data.datasets import (
     MANIFEST_NAME,
     DatasetError,
     UnsafeArchiveError,
@@ -149,7 +149,7 @@ def test_default_url_is_fastais_pascal_2007_and_matches_config() -> None:
 
 
 def test_shapes_generator_is_reexported() -> None:
-    from multitag import shapes
+    from multitag.data import shapes
 
     assert datasets.make_shapes_dataset is shapes.make_shapes_dataset
     assert datasets.SHAPE_CLASSES == shapes.SHAPE_CLASSES
@@ -428,7 +428,7 @@ def test_damaged_cache_is_noticed_and_rebuilt_from_the_kept_archive(
         "delete_manifest": lambda: (path / MANIFEST_NAME).unlink(),
     }[damage]()
 
-    with caplog.at_level("WARNING", logger="multitag.datasets"):
+    with caplog.at_level("WARNING", logger="multitag.data.datasets"):
         again = acquire(str(tiny_archive), str(home))
 
     assert again == path and untar_spy.calls == 2

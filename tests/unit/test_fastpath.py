@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multitag import fastpath
-from multitag import tagger as tg
 from multitag.config import TagParams
-from multitag.tagger import TorchScorer
+from multitag.inference import fastpath
+from multitag.inference import tagger as tg
+from multitag.inference.tagger import TorchScorer
 from tests.tagging_helpers import TinyModel, register_tiny_model, write_images
 
 SIZE = 32
@@ -333,7 +333,8 @@ def _tag(tagger: tg.Tagger, uris: list[str]) -> np.ndarray:
 def test_a_passing_cached_onnx_path_tags_without_unpickling_the_learner(
     tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from multitag import registry, training
+    from multitag import registry
+    from multitag.training import learner as training
 
     src = tmp_path / "src"
     write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
@@ -357,7 +358,8 @@ def test_a_passing_cached_onnx_path_tags_without_unpickling_the_learner(
     np.testing.assert_allclose(_tag(fast, uris), _tag(exact, uris), atol=1e-4)
     # and a fresh process (as `multitag tag` is) never even imports fastai
     code = (
-        "import sys; from multitag import tagger as tg; from multitag.config import TagParams; "
+        "import sys; from multitag.inference import tagger as tg; "
+        "from multitag.config import TagParams; "
         f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
         "print(type(t.scorer).__name__, 'fastai' in sys.modules)"
     )
@@ -368,7 +370,8 @@ def test_a_passing_cached_onnx_path_tags_without_unpickling_the_learner(
 def test_without_a_passing_onnx_record_the_learner_is_loaded(
     tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from multitag import registry, training
+    from multitag import registry
+    from multitag.training import learner as training
 
     src = tmp_path / "src"
     write_images(src, fastpath.N_CALIBRATION + fastpath.N_CHECK)
@@ -400,7 +403,8 @@ def test_a_tampered_model_file_is_refused_even_with_a_cached_fast_path(
 ) -> None:
     import shutil
 
-    from multitag import registry, training
+    from multitag import registry
+    from multitag.training import learner as training
 
     home = tmp_path / "home"
     shutil.copytree(tiny.home, home)
@@ -437,7 +441,7 @@ def test_the_fast_path_is_checked_on_validation_at_export_and_registered(
     exported: TinyModel,
 ) -> None:
     from multitag import registry
-    from multitag.training import read_training_table
+    from multitag.training.learner import read_training_table
 
     registry.verify_version(str(exported.home), exported.version)  # ONNX files are covered
     meta = registry.load_metadata(str(exported.home), exported.version)
@@ -459,7 +463,7 @@ def _tag_in_a_fresh_process(params: TagParams, *, report: str, prelude: str = ""
     """Tag `params.source` in a new Python process; stdout of `print(<report>)`, where `t`
     is the tagger and `rows` the rows."""
     code = (
-        "import sys; from multitag import tagger as tg, fastpath; "
+        "import sys; from multitag.inference import tagger as tg, fastpath; "
         f"from multitag.config import TagParams; {prelude}"
         f"t = tg.load_tagger(TagParams.model_validate_json({params.model_dump_json()!r})); "
         "rows = [r for b in t.tag(sorted(str(p) for p in __import__('pathlib').Path("
@@ -553,7 +557,7 @@ def _forced_registry_pick(
 ) -> tuple[tg.Tagger, TagParams]:
     """A tagger forced onto the registered candidate `name`, its scores checked against fp32
     and the learner never unpickled; and the params that built it."""
-    from multitag import training
+    from multitag.training import learner as training
 
     src = tmp_path / "src"
     write_images(src, 24)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multitag.imaging import (
+from multitag.inference.imaging import (
     DecodedImage,
     ImageDecodeError,
     decodable_extensions,

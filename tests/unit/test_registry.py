@@ -1,7 +1,8 @@
 """Registry: immutable versions with sha256 checks, a champion gate, any fsspec root.
 
-The unpickling step is replaced by a fake `multitag.training` module (a real learner is the
-training tests' business, and importing fastai would cost seconds); every sha256 check is real.
+The unpickling step is replaced by a fake `multitag.training.learner` module (a real learner
+is the training tests' business, and importing fastai would cost seconds); every sha256 check
+is real.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from multitag.registry import (
     VersionExistsError,
 )
 from multitag.storage import join, read_bytes, write_bytes_atomic
-from multitag.thresholds import ThresholdSet
+from multitag.training.thresholds import ThresholdSet
 
 VOCAB = ["circle", "square", "star"]
 
@@ -75,9 +76,11 @@ class FakeLoader:
 @pytest.fixture
 def loader(monkeypatch: pytest.MonkeyPatch) -> FakeLoader:
     fake = FakeLoader()
-    module = types.ModuleType("multitag.training")
+    module = types.ModuleType("multitag.training.learner")
     module.load_learner_file = fake  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "multitag.training", module)
+    monkeypatch.setitem(sys.modules, "multitag.training.learner", module)
+    # `from multitag.training import learner` reads the package's attribute first.
+    monkeypatch.setattr(sys.modules["multitag.training"], "learner", module, raising=False)
     return fake
 
 
@@ -661,7 +664,7 @@ def _stage(stage: Path) -> Path:
     """A finished stage as train_stage leaves it: train.json (last) records the sha256s."""
     import numpy as np
 
-    from multitag import retraining
+    from multitag.training import retraining
 
     stage.mkdir(parents=True)
     (stage / "model.pkl").write_bytes(b"staged learner " + uuid.uuid4().bytes)
@@ -679,10 +682,8 @@ def _stage(stage: Path) -> Path:
 def test_a_tampered_staged_model_is_not_reused_nor_unpickled(
     tmp_path: Path, loader: FakeLoader, monkeypatch: pytest.MonkeyPatch
 ):
-    import multitag
-    from multitag import retraining
+    from multitag.training import retraining
 
-    monkeypatch.setattr(multitag, "training", sys.modules["multitag.training"], raising=False)
     stage = _stage(tmp_path / "stage")
     assert retraining.stage_problem(stage) is None and retraining.stage_complete(stage)
     flip_one_byte(str(stage / "model.pkl"))
@@ -699,7 +700,7 @@ def test_a_tampered_staged_model_is_not_reused_nor_unpickled(
 
 
 def test_stage_files_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from multitag import retraining
+    from multitag.training import retraining
 
     target = tmp_path / "train.json"
     target.write_text('{"old": true}\n')

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from multitag.config import ThresholdParams
-from multitag.reports import AP_PNG, CURVES_PNG, REPORT_FILE, ReportError, build_model_report
+from multitag.training.reports import (
+    AP_PNG,
+    CURVES_PNG,
+    REPORT_FILE,
+    ReportError,
+    build_model_report,
+)
 
 VOCAB = ["circle", "square", "star"]
 GRID = [round(i / 100, 2) for i in range(101)]
@@ -171,7 +177,7 @@ def test_missing_per_label_evaluation_named():
 
 def test_real_threshold_set_and_evaluation_render():
     """The producers' real output (ThresholdSet.to_json, Evaluation.to_dict) is accepted."""
-    from multitag import thresholds as th
+    from multitag.training import thresholds as th
 
     rng = np.random.default_rng(0)
     targets = rng.random((200, 3)) < 0.3
@@ -185,7 +191,7 @@ def test_real_threshold_set_and_evaluation_render():
 
 
 def test_inline_images_embeds_pngs_for_the_ui():
-    from multitag.reports import inline_images
+    from multitag.training.reports import inline_images
 
     md = f"![curves]({CURVES_PNG})\n![ap]({AP_PNG})\n"
     out = inline_images(md, {CURVES_PNG: b"\x89PNG-a", AP_PNG: b"\x89PNG-b"})

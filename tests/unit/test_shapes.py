@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multitag.shapes import (
+from multitag.data.shapes import (
     SHAPE_CLASSES,
     make_shapes_dataset,
     render_scene,
@@ -142,7 +142,7 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
 
 
 def test_ring_has_a_hole_and_circle_does_not() -> None:
-    from multitag.shapes import ShapeSpec
+    from multitag.data.shapes import ShapeSpec
 
     ring = ShapeSpec("ring", 32, 32, 12, 0.0, (255, 0, 0))
     circle = ShapeSpec("circle", 32, 32, 12, 0.0, (255, 0, 0))
@@ -187,6 +187,8 @@ def test_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, multitag.shapes; print('torch' in sys.modules, 'fastai' in sys.modules)"
+    code = (
+        "import sys, multitag.data.shapes; print('torch' in sys.modules, 'fastai' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -27,10 +27,10 @@ from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConn
 from PIL import Image
 from s3fs.errors import translate_boto_error
 
-from multitag import sources
-from multitag import tagger as tg
 from multitag.config import TagParams
-from multitag.sources import (
+from multitag.inference import sources
+from multitag.inference import tagger as tg
+from multitag.inference.sources import (
     NotRegularFileError,
     TooLargeError,
     TransientReadError,

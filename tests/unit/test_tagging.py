@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from multitag import registry, tagging
-from multitag import tagger as tg
 from multitag.config import TagParams
+from multitag.inference import tagger as tg
 from multitag.storage import remove_stale_temp_files
 from multitag.tagging import (
     DriftRule,
@@ -132,8 +132,8 @@ def test_inference_spec_requires_the_resize_method() -> None:
 
 def test_scores_match_fastai_predictions(tiny: TinyModel, tagger: Tagger, tmp_path: Path) -> None:
     """Same model, same preprocessing: our batched scorer agrees with fastai's own pipeline."""
-    from multitag import training
     from multitag.registry import load_model
+    from multitag.training import learner as training
 
     files = write_images(tmp_path / "imgs", 12, seed=3)
     rows = [r for batch in tagger.tag([str(f) for f in files]) for r in batch.rows]
@@ -509,8 +509,8 @@ def test_only_weather_is_retried() -> None:
     from prefect.states import Completed, Failed
 
     from flows.tag import ShardsFailedError
+    from multitag.inference.sources import NotRegularFileError, TransientReadError
     from multitag.registry import IntegrityError
-    from multitag.sources import NotRegularFileError, TransientReadError
     from tasks.tagging import _retry_weather
 
     def retried(exc: BaseException) -> bool:
@@ -746,7 +746,7 @@ def assert_same_tags(got: pa.Table, want: pa.Table, thresholds: dict[str, float]
 def test_a_head_start_tags_the_first_shard_early_and_that_shard_writes_its_rows(
     tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from multitag import headstart
+    from multitag.tagging import headstart
 
     src, out, plain_out = tmp_path / "src", tmp_path / "out", tmp_path / "plain"
     write_images(src, 25)
@@ -788,7 +788,7 @@ def test_a_head_start_tags_the_first_shard_early_and_that_shard_writes_its_rows(
 def test_a_head_start_skips_claimed_images_and_hands_each_row_to_its_shard_once(
     tiny: TinyModel, tagger: Tagger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from multitag import headstart
+    from multitag.tagging import headstart
 
     src, out = tmp_path / "src", tmp_path / "out"
     write_images(src, 12)
@@ -823,7 +823,7 @@ def test_a_head_start_skips_claimed_images_and_hands_each_row_to_its_shard_once(
 def test_a_head_start_stops_between_small_batches_when_its_shard_takes_over(
     tagger: Tagger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from multitag import headstart
+    from multitag.tagging import headstart
 
     write_images(tmp_path, 64)
     uris = sorted(str(p) for p in tmp_path.iterdir())

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
 
 from multitag.config import ThresholdParams
-from multitag.thresholds import (
+from multitag.training.thresholds import (
     CURVE_POINTS,
     SHRINK_WEIGHTS,
     ThresholdError,

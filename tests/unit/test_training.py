@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multitag import training
 from multitag.config import TrainParams, shapes_train_params
-from multitag.shapes import SHAPE_CLASSES, make_shapes_dataset
+from multitag.data.shapes import SHAPE_CLASSES, make_shapes_dataset
+from multitag.training import learner as training
 
 SEED = 11
 
@@ -94,7 +94,7 @@ def test_cap_validation_only_drops_validation_rows() -> None:
 
 
 def test_resolve_arch() -> None:
-    from multitag.models import shapes_cnn
+    from multitag.training.models import shapes_cnn
 
     assert training.resolve_arch("shapes_cnn") is shapes_cnn
     import torchvision
@@ -116,7 +116,7 @@ def test_shapes_params_and_overrides() -> None:
 def test_shapes_cnn_keeps_resolution_and_refuses_pretrained() -> None:
     import torch
 
-    from multitag.models import shapes_cnn
+    from multitag.training.models import shapes_cnn
 
     net = shapes_cnn()
     x = torch.zeros(1, 3, 64, 64)
@@ -128,7 +128,7 @@ def test_shapes_cnn_keeps_resolution_and_refuses_pretrained() -> None:
 
 
 def test_mean_average_precision_skips_labels_without_positives() -> None:
-    from multitag.models import mean_average_precision
+    from multitag.training.models import mean_average_precision
 
     targets = np.array([[1, 0], [0, 0], [1, 0], [0, 0]], dtype=bool)
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.3], [0.1, 0.2]])
@@ -225,7 +225,7 @@ def test_exported_learner_predicts_the_same_in_a_fresh_process(
         import json, sys
         import numpy as np
         from pathlib import Path
-        from multitag.training import load_learner_file, predict_files, inference_spec
+        from multitag.training.learner import load_learner_file, predict_files, inference_spec
         learn = load_learner_file(Path({str(model)!r}))
         files = [Path(p) for p in {[str(f) for f in files]!r}]
         np.save({str(tmp_path / "after.npy")!r}, predict_files(learn, files))

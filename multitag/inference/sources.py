@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from multitag.imaging import decodable_extensions
+from multitag.inference.imaging import decodable_extensions
 from multitag.storage import fs_and_path, unstrip
 
 # Listed besides what Pillow decodes for us (imaging.decodable_extensions: its own registry,

@@ -5,7 +5,7 @@ BCEWithLogitsLossFlat (sigmoid per label, so "none of these" is a legal answer),
 accuracy_multi and mAP; `fine_tune` from pretrained weights, `fit_one_cycle` from random init.
 
 Only training code paths import this module (it imports fastai at the top). Everything an
-exported learner refers to at load time lives in `multitag.models`, never here, so
+exported learner refers to at load time lives in `multitag.training.models`, never here, so
 `load_learner_file` works in a process that never trained.
 """
 
@@ -43,7 +43,7 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.learner import vision_learner
 
 from multitag.config import TrainParams
-from multitag.models import mean_average_precision, shapes_cnn
+from multitag.training.models import mean_average_precision, shapes_cnn
 
 REQUIRED_COLUMNS = ("fname", "labels", "is_valid")
 _BOOL_SPELLINGS = {"true": True, "false": False, "1": True, "0": False}
@@ -449,7 +449,7 @@ def load_learner_file(path: Path | BinaryIO, cpu: bool = True) -> Learner:
     behind an UnboundLocalError; here the real error propagates. A binary file object (the
     registry passes a BytesIO of the bytes it hashed) is read as it is, never re-opened.
     """
-    import multitag.models  # noqa: F401  (the pickle refers to builders/metrics in it)
+    import multitag.training.models  # noqa: F401  (the pickle refers to builders/metrics in it)
 
     map_location = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
     source = path if hasattr(path, "read") else Path(path)  # type: ignore[arg-type]
@@ -471,7 +471,9 @@ def inference_spec(learner: Learner) -> dict[str, Any]:
 
     info = getattr(learner, _INFO_ATTR, None)
     if info is None:
-        raise TrainingError("learner was not produced by multitag.training.train (no info).")
+        raise TrainingError(
+            "learner was not produced by multitag.training.learner.train (no info)."
+        )
     norms = [t for t in learner.dls.after_batch.fs if isinstance(t, Normalize)]
     if len(norms) != 1:
         raise TrainingError(f"expected exactly one Normalize transform, found {len(norms)}.")

@@ -9,7 +9,8 @@ The tag flow (`flows/tag.py`, the one runner: CLI, deployments and tests) calls,
     write_manifest(summary)
 
 (`multitag tag` may have tagged its first shard's images already, while Prefect's server
-booted: `tag_shard` takes those rows from `multitag.headstart` and writes them with the rest.)
+booted: `tag_shard` takes those rows from `multitag.tagging.headstart` and writes them with the
+rest.)
 
 Layout under `out/<dataset>/` (out defaults to MULTITAG_HOME/tags)::
 
@@ -61,8 +62,8 @@ Concurrent runs waste no correctness but may duplicate work on unfinished shards
 take their own shards first in order and others' unfinished shards in reverse order, so
 two runs started together meet in the middle.
 
-Listing and reading images live in `multitag.sources`; the model side (input spec, scorers,
-`Tagger`, `load_tagger`, the fast path's wiring) in `multitag.tagger`.
+Listing and reading images live in `multitag.inference.sources`; the model side (input spec,
+scorers, `Tagger`, `load_tagger`, the fast path's wiring) in `multitag.inference.tagger`.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from multitag.config import TagParams, get_settings
-from multitag.sources import (
+from multitag.inference.sources import (
     SkippedFiles,
     SourceListing,
     TaggingError,
@@ -93,6 +94,7 @@ from multitag.sources import (
     list_images,  # noqa: F401  (re-exported: callers list sources through this module)
     list_source,
 )
+from multitag.inference.tagger import ModelBaseline, Tagger, TagRow, tagger_for
 from multitag.storage import (
     PROBE_DIR,
     exists,
@@ -107,7 +109,6 @@ from multitag.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from multitag.tagger import ModelBaseline, Tagger, TagRow, tagger_for
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -415,7 +416,7 @@ def prefetch_tagger(params: TagParams, *, head_start: bool = False) -> str | Non
     with the task's state and message (so nothing is cached and nothing is hidden).
 
     `head_start`: also start tagging, in a background thread, the images of a local source
-    that the run's first shard will hold (`multitag.headstart`; its rows are written by that
+    that the run's first shard will hold (`multitag.tagging.headstart`; its rows are written by that
     shard). Not for s3:// sources: their listing can be long, and the plan lists them anyway.
     """
     try:
@@ -425,7 +426,7 @@ def prefetch_tagger(params: TagParams, *, head_start: bool = False) -> str | Non
         logging.getLogger(__name__).debug("tagger prefetch failed (%s); the run retries it", exc)
         return None
     if head_start and is_local(params.source):
-        from multitag import headstart
+        from multitag.tagging import headstart
 
         headstart.start(tagger, functools.partial(first_shard_uris, params, version))
     return version
@@ -435,7 +436,7 @@ def first_shard_uris(params: TagParams, model_version: str) -> list[str]:
     """The images `plan_run` would put in this run's first shard, found without claiming.
 
     (The plan claims first: between this read and the plan another run may claim some of
-    them; their rows are then never written, see `multitag.headstart`.)
+    them; their rows are then never written, see `multitag.tagging.headstart`.)
     """
     _, partition, plans = output_uris(params, model_version)
     _, _, new, _ = _unclaimed(params.source, plans, partition)
@@ -862,7 +863,7 @@ def tag_shard(
 
     Idempotent: a shard whose file exists is skipped without reading an image.
     """
-    from multitag import headstart
+    from multitag.tagging import headstart
 
     t0 = time.perf_counter()
     if tagger.model_version != spec.model_version:

@@ -59,7 +59,7 @@ except ImportError:  # Windows: no advisory locks, one process per cache is assu
     fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # re-exported lazily by __getattr__ below
-    from multitag.shapes import SHAPE_CLASSES, make_shapes_dataset
+    from multitag.data.shapes import SHAPE_CLASSES, make_shapes_dataset
 
 __all__ = [
     "MANIFEST_NAME",
@@ -187,7 +187,7 @@ class _Budget:
 def __getattr__(name: str) -> Any:
     """Re-export the shapes generator lazily: importing datasets stays light for CLI paths."""
     if name in ("make_shapes_dataset", "SHAPE_CLASSES"):
-        from multitag import shapes
+        from multitag.data import shapes
 
         return getattr(shapes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -396,7 +396,7 @@ def _check_members(members: list[_Member], where: str) -> None:
             raise UnsafeArchiveError(
                 f"Refused archive from {where}: member {m.name!r} {reason}. Nothing was "
                 "extracted. Use an archive whose members all stay inside its folder "
-                "(`multitag.datasets.pack_dataset` makes one).",
+                "(`multitag.data.datasets.pack_dataset` makes one).",
                 member=m.name,
             )
 

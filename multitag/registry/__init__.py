@@ -9,7 +9,7 @@ Layout under `<home>/models/` (home: a local folder, `memory://...`, `s3://bucke
     <version>/inference.json   `training.inference_spec()`: img_size, mean, std, vocab, arch
     <version>/report.md, *.png `reports.build_model_report()` output
     <version>/fastpath.json,   optional: the CPU fast path exported at registration and its
-      model.{fp32,int8}.onnx,  agreement with fp32 on the validation set (multitag.fastpath);
+      model.{fp32,int8}.onnx,  agreement with fp32 on validation (multitag.inference.fastpath);
       model.pt2                model.pt2 is the torch.export program a bf16 run uses
     <version>/SHA256SUMS       `<hex>  <name>` per file (sha256sum format), written LAST: its
                                presence is what marks a version complete
@@ -76,7 +76,7 @@ METRICS_FILE = "metrics.json"
 INFERENCE_FILE = "inference.json"
 REPORT_FILE = "report.md"
 SUMS_FILE = "SHA256SUMS"
-FASTPATH_FILE = "fastpath.json"  # multitag.fastpath's export-time record (optional)
+FASTPATH_FILE = "fastpath.json"  # multitag.inference.fastpath's export-time record (optional)
 # Large binaries are hashed when they are opened (`verified_file`), not read into memory by
 # `load_metadata`.
 _LAZY_SUFFIXES = (".onnx", ".pt2")
@@ -164,7 +164,7 @@ class ModelMetadata:
     """
 
     version: str
-    thresholds: Any  # multitag.thresholds.ThresholdSet
+    thresholds: Any  # multitag.training.thresholds.ThresholdSet
     metrics: dict[str, Any]
     inference: dict[str, Any]
     sha256: str  # of model.pkl, checked against SHA256SUMS (and champion.json if the champion)
@@ -181,7 +181,7 @@ class LoadedModel:
 
     version: str
     learner: Any
-    thresholds: Any  # multitag.thresholds.ThresholdSet (imported lazily)
+    thresholds: Any  # multitag.training.thresholds.ThresholdSet (imported lazily)
     metrics: dict[str, Any]
     inference: dict[str, Any]
     sha256: str
@@ -370,7 +370,7 @@ def register_model(
     _check_version_id(version)
     _check_model_inputs(thresholds, metrics, inference)
     if report_files is None:
-        from multitag.reports import build_model_report
+        from multitag.training.reports import build_model_report
 
         report_files = build_model_report(metrics, thresholds, metrics["validation"])
     _check_report_names(report_files)
@@ -425,7 +425,7 @@ def _check_model_inputs(thresholds: Any, metrics: Any, inference: Any) -> None:
             "metrics['validation'] must be the validation Evaluation.to_dict(): the promotion "
             "gate compares metrics['validation'][<metric>]"
         )
-    from multitag.thresholds import ThresholdSet
+    from multitag.training.thresholds import ThresholdSet
 
     try:
         ThresholdSet.from_json(thresholds)
@@ -937,7 +937,7 @@ def load_metadata(home: str | None = None, version: str | None = None) -> ModelM
     }
     model_path = _verified_file(home, vdir, version, MODEL_FILE, sums[MODEL_FILE])
 
-    from multitag.thresholds import ThresholdSet
+    from multitag.training.thresholds import ThresholdSet
 
     return ModelMetadata(
         version=version,
@@ -982,7 +982,7 @@ def unpickle_model(meta: ModelMetadata) -> LoadedModel:
     and the load can never be unpickled. Re-hashed because the metadata may be older than this
     call (~0.1 s for resnet50).
     """
-    from multitag.training import load_learner_file
+    from multitag.training.learner import load_learner_file
 
     data = meta.model_path.read_bytes()
     _check_sha(meta.version, MODEL_FILE, data, meta.sha256)

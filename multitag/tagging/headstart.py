@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from multitag.tagger import Tagger, TagRow
+from multitag.inference.tagger import Tagger, TagRow
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class HeadStart:
         """Stop after the batch in progress; the rows computed so far stay available.
 
         Waits in short steps, so a shard task's timeout can land meanwhile (Prefect delivers
-        it as an asynchronous exception, see `multitag.tagger._polled_result`), and at most
+        it as an asynchronous exception, see `inference.tagger._polled_result`), and at most
         STOP_WAIT_S: a head start stuck on a read is left behind (a daemon thread; it stops
         after that batch) and its shard tags the images it has no rows for itself.
         """

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from multitag.config import TagParams, default_home
-from multitag.imaging import (
+from multitag.inference.imaging import (
     DEFAULT_MAX_PIXELS,
     WHITE,
     DecodedImage,
     ImageDecodeError,
     decode_image,
 )
-from multitag.sources import (
+from multitag.inference.sources import (
     DEFAULT_MAX_BYTES,
     TaggingError,
     list_images,
@@ -37,14 +37,14 @@ from multitag.sources import (
 )
 
 if TYPE_CHECKING:
-    from multitag.thresholds import ThresholdSet
+    from multitag.training.thresholds import ThresholdSet
 
 # ================================================================ model input + scoring
 
 
 @dataclass(frozen=True)
 class InferenceSpec:
-    """How the model wants its input: inference.json, as multitag.training writes it."""
+    """How the model wants its input: inference.json, as multitag.training.learner writes it."""
 
     img_size: int
     mean: tuple[float, float, float]
@@ -61,7 +61,7 @@ class InferenceSpec:
         if missing:
             raise TaggingError(
                 f"inference spec lacks {missing}: the model's inference.json must say how its "
-                "inputs were prepared (multitag.training.inference_spec writes it)"
+                "inputs were prepared (multitag.training.learner.inference_spec writes it)"
             )
         size = data["img_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -175,7 +175,7 @@ class TorchScorer:
 
 def _torch_precision(precision: str) -> str:
     # "auto" and "int8" start from the fp32 torch model; `load_tagger` then swaps in the fast
-    # path that multitag.fastpath measured to keep the thresholds' decisions.
+    # path that multitag.inference.fastpath measured to keep the thresholds' decisions.
     return "fp32" if precision in ("auto", "int8") else precision
 
 
@@ -409,7 +409,7 @@ class Tagger:
     def tag_batch(self, uris: Sequence[str]) -> list[TagRow]:
         """Rows for `uris`, read, decoded and scored in the calling thread (no prefetch).
 
-        For work that must be stoppable between small batches (`multitag.headstart`).
+        For work that must be stoppable between small batches (`multitag.tagging.headstart`).
         """
         return self._score(self._prepare(list(uris)))
 
@@ -451,7 +451,7 @@ class Tagger:
         return _Prepared(uris, items, time.perf_counter() - t0)
 
     def _score(self, prepared: _Prepared) -> list[TagRow]:
-        from multitag.thresholds import apply_thresholds
+        from multitag.training.thresholds import apply_thresholds
 
         ok = [i for i, item in enumerate(prepared.items) if isinstance(item, DecodedImage)]
         now = datetime.now(UTC)
@@ -544,7 +544,7 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
     return tagger
 
 
-# [fastpath] wiring of precision auto/int8 to multitag.fastpath (performance helper).
+# [fastpath] wiring of precision auto/int8 to multitag.inference.fastpath (performance helper).
 def _wants_fast_path(params: TagParams) -> bool:
     from multitag.runtime import pick_device
 
@@ -559,7 +559,7 @@ def _export_record(meta: Any, params: TagParams) -> tuple[Any, str]:
     """
     if meta.fastpath is None or not _wants_fast_path(params):
         return None, ""
-    from multitag import fastpath
+    from multitag.inference import fastpath
 
     try:
         record = fastpath.FastPathRecord.from_json(meta.fastpath)
@@ -571,7 +571,7 @@ def _export_record(meta: Any, params: TagParams) -> tuple[Any, str]:
 
 
 def _choose_recorded(record: Any, params: TagParams) -> tuple[str, str]:
-    from multitag import fastpath
+    from multitag.inference import fastpath
 
     try:
         name, reason = fastpath.choose_for_run(
@@ -593,7 +593,7 @@ def _registry_tagger(meta: Any, params: TagParams, record: Any) -> Tagger | None
     """A Tagger over the version's own fast-path file (ONNX, the bf16 torch program or the
     compiled bf16 package) when the recorded choice has one; None when it needs the learner
     (torch fp32, or a bf16 pick whose architecture could not be exported as a program)."""
-    from multitag import fastpath
+    from multitag.inference import fastpath
     from multitag.registry import verified_file
 
     name, reason = _choose_recorded(record, params)
@@ -632,7 +632,7 @@ def _tagger_over(scorer: Any, meta: Any, params: TagParams, choice: str) -> Tagg
 
 def _use_recorded_torch_path(tagger: Tagger, record: Any, params: TagParams) -> None:
     """The export-time record picked a torch scorer (bf16, or fp32 when nothing faster agreed)."""
-    from multitag import fastpath
+    from multitag.inference import fastpath
 
     name, reason = _choose_recorded(record, params)
     scorer = tagger.scorer
@@ -649,7 +649,7 @@ def _use_fast_path(tagger: Tagger, loaded: Any, params: TagParams) -> None:
 
     For versions registered without an export-time record: the fast path is checked against
     this fp32 model on a sample of `params.source` the first time a model file is used on a
-    machine (then cached by its sha256; see multitag.fastpath).
+    machine (then cached by its sha256; see multitag.inference.fastpath).
     """
     scorer = tagger.scorer
     if params.precision not in ("auto", "int8") or not isinstance(scorer, TorchScorer):
@@ -658,7 +658,7 @@ def _use_fast_path(tagger: Tagger, loaded: Any, params: TagParams) -> None:
         if params.precision == "int8":
             raise TaggingError("precision=int8 runs on CPU only; use auto, fp32 or bf16 on GPU")
         return
-    from multitag import fastpath
+    from multitag.inference import fastpath
 
     try:
         selection = fastpath.select_scorer(
@@ -688,7 +688,7 @@ def _tagger_from_cached_onnx(meta: Any, params: TagParams) -> Tagger | None:
     """
     if not _wants_fast_path(params):
         return None
-    from multitag import fastpath
+    from multitag.inference import fastpath
 
     spec = InferenceSpec.from_dict(meta.inference)
     record = fastpath.load_record(meta.sha256)

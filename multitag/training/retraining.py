@@ -105,7 +105,8 @@ def train_stage(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Train, then save the provisional learner and validation/test predictions to `stage_dir`."""
-    from multitag import contracts, training
+    from multitag.data import contracts
+    from multitag.training import learner as training
 
     dataset_dir, stage = Path(dataset_dir), Path(stage_dir)
     stage.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def train_stage(
 
 def threshold_stage(stage_dir: str | Path, params: ThresholdParams) -> dict[str, Any]:
     """Choose thresholds on validation; judge them (and the best single global one) on test."""
-    from multitag import thresholds as th
+    from multitag.training import thresholds as th
 
     stage = Path(stage_dir)
     vocab = read_stage_json(stage, STAGE_TRAIN)["vocab"]
@@ -173,7 +174,7 @@ def _global_policy_on_test(
 ) -> dict[str, Any]:
     """The single global threshold chosen on validation, judged on test: the baseline the
     chosen policy must match or beat on images neither was chosen on."""
-    from multitag import thresholds as th
+    from multitag.training import thresholds as th
 
     glob = th.select_thresholds(
         valid["probs"], valid["targets"], vocab, params.model_copy(update={"policy": "global"})
@@ -184,7 +185,7 @@ def _global_policy_on_test(
 
 def _best_global_on(probs: np.ndarray, targets: np.ndarray, vocab: list[str]) -> dict[str, Any]:
     """The best single global threshold chosen *on test itself*: an upper bound to compare with."""
-    from multitag import thresholds as th
+    from multitag.training import thresholds as th
 
     oracle = th.select_thresholds(probs, targets, vocab, ThresholdParams(policy="global"))
     ev = th.evaluate(probs, targets, oracle.as_array(), vocab).to_dict()
@@ -209,8 +210,10 @@ def register_stage(
     with the model; a model that cannot be exported is registered without one (logged and
     recorded in metrics.json), since tagging can still run it in fp32.
     """
-    from multitag import registry, reports, training
-    from multitag.thresholds import ThresholdSet
+    from multitag import registry
+    from multitag.training import learner as training
+    from multitag.training import reports
+    from multitag.training.thresholds import ThresholdSet
 
     stage = Path(stage_dir)
     train_info = read_stage_json(stage, STAGE_TRAIN)
@@ -278,7 +281,9 @@ def export_fastpath(
     spread evenly over each, decoded exactly as tagging decodes. Returns the files for the
     registry and a summary for metrics.json.
     """
-    from multitag import contracts, fastpath, registry
+    from multitag import registry
+    from multitag.data import contracts
+    from multitag.inference import fastpath
 
     table = contracts.validate_dataset(dataset_dir, check_images=False).table
     valid = list(table.loc[table["is_valid"], "fname"])
@@ -306,7 +311,7 @@ def export_fastpath(
 
 def _decode_spread(folder: Path, names: list[str], n: int, inference: dict[str, Any]) -> np.ndarray:
     """Up to n images of `names`, evenly spread, as the tagger decodes them (unreadable skipped)."""
-    from multitag.imaging import ImageDecodeError, decode_image
+    from multitag.inference.imaging import ImageDecodeError, decode_image
 
     if not names or n <= 0:
         return np.zeros((0, 0, 0, 3), dtype=np.uint8)

@@ -10,7 +10,7 @@ decisions identical).
 
 Where the check happens:
 
-- At export (`build_for_registry`, called by `multitag.retraining.register_stage`): the
+- At export (`build_for_registry`, called by `multitag.training.retraining.register_stage`): the
   final model is exported to ONNX fp32 and int8 (calibrated on training images) and every
   candidate is scored against torch fp32 on the validation images (up to
   `RetrainParams.fastpath_check_images`, 1,000 by default: thousands of decisions, enough to
@@ -284,7 +284,7 @@ def decision_agreement(reference: np.ndarray, candidate: np.ndarray, thresholds:
 
     `thresholds`: a ThresholdSet, an (L,) array or a float, as `apply_thresholds` takes.
     """
-    from multitag.thresholds import apply_thresholds
+    from multitag.training.thresholds import apply_thresholds
 
     if reference.shape != candidate.shape or reference.ndim != 2 or reference.size == 0:
         raise ValueError(
@@ -514,7 +514,7 @@ def measure_candidates(
     results by candidate name and the model's label count. `torch_program`: also save the
     bf16 candidate as a `torch.export` program (for the registry: no unpickling to run it).
     """
-    from multitag.tagger import TorchScorer
+    from multitag.inference.tagger import TorchScorer
 
     if len(check) == 0 or len(calibration) == 0:
         raise FastPathError("a fast path needs calibration and check images; got none")
@@ -760,7 +760,7 @@ def bf16_scorer(
     """
     import torch
 
-    from multitag.tagger import TorchScorer
+    from multitag.inference.tagger import TorchScorer
 
     fast = (model if captured else copy.deepcopy(model)).to(memory_format=torch.channels_last)
     return TorchScorer(
@@ -1095,7 +1095,7 @@ def make_scorer(
     threads: int | None = None,
 ) -> Any:
     """The scorer called `name` (one of the candidates), from the record's verified files."""
-    from multitag.tagger import TorchScorer
+    from multitag.inference.tagger import TorchScorer
 
     if name == TORCH_FP32:
         return TorchScorer(model, mean=mean, std=std, n_labels=n_labels)

@@ -46,7 +46,7 @@ from typing import Any
 
 import pandas as pd
 
-DEFAULT_CONTRACT = Path(__file__).resolve().parents[1] / "data_contracts" / "training_labels.yaml"
+DEFAULT_CONTRACT = Path(__file__).resolve().parents[2] / "data_contracts" / "training_labels.yaml"
 CSV_NAME = "train.csv"
 REPORT_COLUMNS = ("severity", "row", "line", "column", "value", "rule", "message", "hint")
 _SUPPORTED_TYPES = ("string", "boolean", "integer", "number")
@@ -225,7 +225,7 @@ def _quality_rule(q: dict) -> QualityRule:
         raise ContractError(f"quality rule {name!r}: only the library rule rowCount is supported")
     if kind == "text" and name not in _TEXT_RULES:
         raise ContractError(
-            f"quality rule {name!r} has no implementation in multitag.contracts "
+            f"quality rule {name!r} has no implementation in multitag.data.contracts "
             f"(known: {sorted(_TEXT_RULES)}); implement it or remove it from the contract"
         )
     return QualityRule(str(name), kind, severity, str(q.get("description", "")), dict(q))
