@@ -28,13 +28,18 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	MULTITAG_HOME=$(DEMO_HOME) $(VENV)/bin/multitag demo
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
+# The static checks first (seconds), then the suite.
+test: lint
 	$(PY) -m pytest
 
+# ruff (style), mypy (types of multitag/, tasks/, flows/; settings in pyproject.toml) and
+# import-linter (imports point down: flows -> tasks -> multitag, no Prefect in multitag, no
+# circles; the contracts are in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -102,7 +102,7 @@ def register_trained(
     from multitag import registry
     from multitag.config import ThresholdParams, TrainParams, shapes_train_params
     from multitag.data.shapes import make_shapes_dataset
-    from multitag.training import learner as training
+    from multitag.training import learner
     from multitag.training import thresholds as th
     from multitag.training.retraining import export_fastpath
 
@@ -116,13 +116,13 @@ def register_trained(
     else:
         params = TrainParams(arch=arch, pretrained=False, img_size=img_size, batch_size=32,
                              epochs=epochs, lr=3e-3, augment="none", head_dropout=0.1)  # fmt: skip
-    result = training.train(dataset, params)
-    probs, targets = training.predict_validation(result.learner)
+    result = learner.train(dataset, params)
+    probs, targets = learner.predict_validation(result.learner)
     ts = th.select_thresholds(probs, targets, result.vocab, ThresholdParams(policy="global"))
     final = work / f"final-{arch}"
-    model_file = training.export_learner(result.learner, final / "model.pkl", ts.as_array())
+    model_file = learner.export_learner(result.learner, final / "model.pkl", ts.as_array())
     evaluation = th.evaluate(probs, targets, ts, result.vocab).to_dict()
-    spec = training.inference_spec(result.learner)
+    spec = learner.inference_spec(result.learner)
     metrics: dict[str, Any] = {"validation": evaluation}
     extra: dict[str, Path] = {}
     if fastpath:
@@ -247,8 +247,9 @@ def wilson_lower(successes: int, n: int, z: float = 1.96) -> float:
 def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, root: Path,
                      batch: int, repeats: int) -> dict[str, float]:  # fmt: skip
     """img/s of each scorer on a pre-decoded uint8 batch (no decode, no I/O)."""
-    from multitag.inference import fastpath
-    from multitag.inference.tagger import TorchScorer
+    from multitag.inference import cpu, records
+    from multitag.inference.scorers import file_scorer
+    from multitag.inference.torch_scorer import TorchScorer, bf16_scorer
 
     size, mean, std = spec["img_size"], spec["mean"], spec["std"]
     n_labels = len(spec["vocab"])
@@ -257,14 +258,14 @@ def forward_ceilings(learn: Any, spec: dict[str, Any], record_: dict | None, roo
     scorers: dict[str, Any] = {
         "torch-fp32": TorchScorer(learn.model, mean=mean, std=std, n_labels=n_labels)
     }
-    if fastpath.bf16_supported():
-        scorers["torch-bf16"] = fastpath.bf16_scorer(learn.model, mean, std, n_labels)
+    if cpu.bf16_supported():
+        scorers["torch-bf16"] = bf16_scorer(learn.model, mean, std, n_labels)
     if record_ is not None:
         d = next(p.parent for p in (root / "home" / "models").glob("*/fastpath.json"))
-        for name in (fastpath.ORT_FP32, fastpath.ORT_INT8, fastpath.AOTI_BF16):
+        for name in (records.ORT_FP32, records.ORT_INT8, records.AOTI_BF16):
             if (cand := record_["candidates"].get(name)) and cand.get("file"):
-                scorers[name] = fastpath.file_scorer(name, d / cand["file"], mean=mean, std=std,
-                                                     n_labels=n_labels)  # fmt: skip
+                scorers[name] = file_scorer(name, d / cand["file"], mean=mean, std=std,
+                                            n_labels=n_labels)  # fmt: skip
     out = {}
     for name, scorer in scorers.items():
         rate, _ = median_rate(lambda s=scorer: len(s.score_batch(imgs)), repeats)
@@ -276,7 +277,7 @@ def tagger_alone(root: Path, files: list[Path], repeats: int) -> dict[str, Any]:
     """img/s of the tagging pipeline itself: the registered model as `auto` loads it, reading,
     decoding (its background threads) and scoring `files`; nothing else in the window."""
     from multitag.config import TagParams
-    from multitag.inference.tagger import load_tagger
+    from multitag.inference.loading import load_tagger
 
     tagger = load_tagger(TagParams(source=str(files[0].parent), home=str(root / "home")))
     uris = [str(f) for f in files]
@@ -450,7 +451,7 @@ def bench_trained_agreement(plan: Plan, work: Path,
 
 def _agreement_verdict(flips: int, decisions: int) -> str:
     """The rate, its sample and whether it clears the bar beyond the sample's noise."""
-    from multitag.inference.fastpath import DEFAULT_AGREEMENT_BAR as bar
+    from multitag.inference.records import DEFAULT_AGREEMENT_BAR as bar
 
     rate, low = 1.0 - flips / decisions, wilson_lower(decisions - flips, decisions)
     if rate < bar:

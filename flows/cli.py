@@ -1,20 +1,50 @@
 """The `multitag` command line: one small function per subcommand.
 
 Why argparse and lazy imports: `multitag --help` and `multitag validate` must answer in well
-under a second on a loaded machine, so this module imports only the standard library at load
-time; each `_cmd_<name>` imports what it needs (pandas, torch, prefect) when it runs.
+under a second on a loaded machine, so this module imports at load time only the standard
+library and the project modules that import nothing else (`multitag.errors`,
+`flows.ephemeral`); each `_cmd_<name>` imports what pulls in pandas, torch, pydantic or
+prefect when it runs (tests/unit/test_cli_validate.py::test_cli_import_stays_light).
 
 Exit codes: 0 success, 1 the command ran and found a problem (e.g. a broken data contract),
-2 the input could not be used (bad arguments, no such folder, unreadable file).
+2 the input could not be used (bad arguments, no such folder, unreadable file). `main` is
+the one place that maps errors to them: every project error is a `MultitagError` that
+carries its exit code (multitag/errors.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
+import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+from flows.ephemeral import (
+    EarlyServer,
+    check_configured_api,
+    no_heartbeats_on_temporary_server,
+    start_early,
+)
+from multitag.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNUSABLE,
+    CommandError,
+    InputError,
+    MultitagError,
+    exit_code_of,
+)
+from multitag.runtime import configure_cpu_runtime
+
+if TYPE_CHECKING:  # pydantic (multitag.config) is imported only by the commands that use it
+    from multitag.config import RetrainParams, TagParams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +97,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     try:
         report = validate_dataset(args.dataset_dir, check_images=not args.skip_images)
     except DatasetUnusableError as e:
-        print(f"multitag validate: cannot use this dataset: {e}", file=sys.stderr)
-        return EXIT_UNUSABLE
+        raise CommandError(f"cannot use this dataset: {e}", e) from e
     except ContractError as e:
-        print(f"multitag validate: the data contract itself is broken: {e}", file=sys.stderr)
-        return EXIT_UNUSABLE
+        raise CommandError(f"the data contract itself is broken: {e}", e) from e
     if args.report_csv is not None:
         report.to_csv(args.report_csv)
         more = f"All of them are in {args.report_csv}."
@@ -123,7 +151,7 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_retrain)
 
 
-def _retrain_params(args: argparse.Namespace):  # -> RetrainParams (lazy import)
+def _retrain_params(args: argparse.Namespace) -> RetrainParams:
     from multitag.config import RetrainParams
 
     train = {
@@ -161,15 +189,12 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     try:
         params = _retrain_params(args)
     except ValidationError as e:
-        print(f"multitag retrain: bad parameters:\n{e}", file=sys.stderr)
-        return EXIT_UNUSABLE
+        raise InputError(f"bad parameters:\n{e}") from e
     _prepare_runtime()
     server = _start_server_early()
     from flows.retrain import retrain
 
     result = _run_flow("retrain", retrain, params, server)
-    if result is None:
-        return EXIT_FAILED
     d = result["decision"]
     print(f"model {result['version']} registered under {result['home']}/models")
     print(f"promotion: {'PROMOTED' if d.get('promoted') else 'kept champion'} ({d.get('reason')})")
@@ -242,8 +267,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
             {n: getattr(args, n) for n in names if getattr(args, n) is not None}
         )
     except ValidationError as e:
-        print(f"multitag tag: bad parameters:\n{e}", file=sys.stderr)
-        return EXIT_UNUSABLE
+        raise InputError(f"bad parameters:\n{e}") from e
     _stop_on_sigterm()
     try:
         _prepare_runtime()
@@ -259,8 +283,6 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         s = _run_flow("tag", tag_images, params, server)
     except KeyboardInterrupt:
         return _stopped("tag")
-    if s is None:
-        return EXIT_FAILED
     rate = f"{s['images_per_s']:.1f} images/s" if s["images_per_s"] else "nothing new to tag"
     print(
         f"tagged {s['tagged']}, failed {s['failed']}, skipped {s['skipped']} ({rate}) "
@@ -304,15 +326,9 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_show(args: argparse.Namespace) -> int:
-    import json
-
     from multitag import registry
 
-    try:
-        info = registry.show_version(args.home, args.version)
-    except registry.RegistryError as e:
-        print(f"multitag models show: {e}", file=sys.stderr)
-        return EXIT_UNUSABLE
+    info = registry.show_version(args.home, args.version)
     print(json.dumps(info, indent=2, default=str))
     return EXIT_OK
 
@@ -320,11 +336,7 @@ def _cmd_models_show(args: argparse.Namespace) -> int:
 def _cmd_models_promote(args: argparse.Namespace) -> int:
     from multitag import registry
 
-    try:
-        decision = registry.promote(args.home, args.version)
-    except registry.RegistryError as e:
-        print(f"multitag models promote: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    decision = registry.promote(args.home, args.version)
     print(f"champion: {args.version} ({decision.reason})")
     return EXIT_OK
 
@@ -341,17 +353,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from multitag.config import DemoParams
 
     data = {"n_images": args.images, "epochs": args.epochs, "home": args.home}
-    params = DemoParams.model_validate({k: v for k, v in data.items() if v is not None})
+    try:
+        params = DemoParams.model_validate({k: v for k, v in data.items() if v is not None})
+    except ValidationError as e:
+        raise InputError(f"bad parameters:\n{e}") from e
     _prepare_runtime()
     server = _start_server_early()
     from flows.demo import demo, print_demo_summary
 
     result = _run_flow("demo", demo, params, server)
-    if result is None:
-        return EXIT_FAILED
     print_demo_summary(result)
     return EXIT_OK
 
@@ -368,7 +383,6 @@ def _stop_on_sigterm() -> None:
     recorded itself Crashed, see `flows.tag._shards_stop_on_sigterm`); the command then
     ends through `_stopped`. A second SIGTERM ends the process at once.
     """
-    import signal
 
     def handler(signum: int, frame: object) -> None:
         signal.signal(signum, signal.SIG_DFL)
@@ -386,9 +400,6 @@ def _stopped(command: str) -> int:
     shards are already whole on disk; a temp file of one in progress is removed by the next
     run, so ending without the rest of the clean-up loses nothing.
     """
-    import os
-    import threading
-
     code = 128 + (_terminated[0] if _terminated else 2)  # 143 for SIGTERM, 130 for Ctrl-C
     print(
         f"multitag {command}: stopped; finished shards are kept, rerun to tag the rest",
@@ -404,17 +415,13 @@ def _stopped(command: str) -> int:
 
 def _prepare_runtime() -> None:
     """Environment for torch and an offline Prefect, set before either is imported."""
-    import os
-
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from multitag.runtime import configure_cpu_runtime
-
     configure_cpu_runtime()
 
 
-def _prefetch(params) -> None:  # params: multitag.config.TagParams
+def _prefetch(params: TagParams) -> None:
     """Load the tagger `tag_images(params)` will use and start its head start, before Prefect
     is imported (~1.4 s of one core, during which the head start tags on the other).
 
@@ -426,30 +433,23 @@ def _prefetch(params) -> None:  # params: multitag.config.TagParams
     tagging.prefetch_tagger(params.with_home_resolved(), head_start=True)
 
 
-def _start_server_early():  # -> flows.ephemeral.EarlyServer | None
+def _start_server_early() -> EarlyServer | None:
     """Spawn Prefect's temporary server before the flow imports (see flows/ephemeral.py)."""
-    from flows.ephemeral import start_early
-
     return start_early()
 
 
-def _run_flow(command: str, flow_fn, params, server=None):  # -> flow result, None if it failed
-    """Run a flow to its final state; a failure is reported on stderr, not as a traceback.
+def _run_flow(
+    command: str, flow_fn: Callable[..., Any], params: Any, server: EarlyServer | None = None
+) -> Any:
+    """Run a flow to its final state and return its result.
 
-    `server`: the temporary Prefect server from `_start_server_early`, adopted here (made
-    this process's PREFECT_API_URL) before the flow, so the flow uses it instead of starting
-    a second one.
+    A failure raises `CommandError` with the flow's error and its exit code (a missing
+    source: 2), which `main` reports in one line instead of a traceback. `server`: the
+    temporary Prefect server from `_start_server_early` (spawned before the flow's imports), adopted
+    here (made this process's PREFECT_API_URL) before the flow, so the flow uses it instead
+    of starting a second one.
     """
-    import atexit
-    import gc
-
-    from prefect.settings import get_current_settings
-
-    from flows.ephemeral import (
-        check_configured_api,
-        heartbeat_not_awaited,
-        no_heartbeats_on_temporary_server,
-    )
+    from prefect.settings import get_current_settings  # prefect: ~0.8 s, only when a flow runs
 
     # Exit cost: the interpreter's final garbage collections walk every object that Prefect,
     # the server client and the model left (~1 s here); frozen objects are skipped. Buffered
@@ -459,22 +459,18 @@ def _run_flow(command: str, flow_fn, params, server=None):  # -> flow result, No
     ours = server.adopt() if server is not None else False
     if not ours:
         check_configured_api(get_current_settings().api.url)
-    with no_heartbeats_on_temporary_server(ours), heartbeat_not_awaited():
+    with no_heartbeats_on_temporary_server(ours):
         state = flow_fn(params, return_state=True)
     if state.is_completed():
         return state.result()
-    print(
-        f"multitag {command}: the flow ended {state.name}: {_state_error(state)}", file=sys.stderr
-    )
-    return None
-
-
-def _state_error(state) -> str:  # a prefect State
     try:
         state.result()
     except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return state.message or "no error message"
+        raise CommandError(f"the flow ended {state.name}: {type(e).__name__}: {e}", e) from e
+    raise CommandError(
+        f"the flow ended {state.name}: {state.message or 'no error message'}",
+        RuntimeError(state.message),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,13 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and on bad arguments (2)
         return e.code if isinstance(e.code, int) else EXIT_UNUSABLE
-    from flows.ephemeral import PrefectApiError  # standard library only: cheap
-
     try:
         return args.func(args)
-    except PrefectApiError as e:
-        print(f"multitag {args.command}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    except MultitagError as e:  # the one place errors become exit codes
+        command = " ".join(filter(None, (args.command, getattr(args, "models_command", None))))
+        print(f"multitag {command}: {e}", file=sys.stderr)
+        return exit_code_of(e)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ as Prefect's own `SubprocessASGIServer` instead cost ~2.3 s of CPU in this proce
 cores the server boots on (measured on 2 cores, with the compiled model that loads without
 torch: 2.7 s less CPU and 0.7 s less wall per `multitag tag`).
 
-The command copies `SubprocessASGIServer._run_uvicorn_command` of the pinned Prefect (3.9.1);
-tests/unit/test_ephemeral.py fails if a Prefect upgrade changes it, and checks that the
-server, which reads Prefect's settings from the same environment and profile files, ends up
-with what Prefect would have passed it.
+The server is `prefect server start` (Prefect's public command; in the foreground it runs
+uvicorn in its own process) with no UI and with the services Prefect's temporary server does
+not run (scheduler, late runs, foreman, ...) switched off by their public settings. It reads
+Prefect's settings from the same environment and profile files as this process
+(tests/unit/test_ephemeral.py checks it). Against the copy of Prefect's private temporary-server
+command it replaced it costs ~0.3 CPU-s more to boot (benchmarks/RESULTS.md, issue 16).
 
 Why it dies with this process: Prefect's own temporary server is a plain child process, so a
 CLI killed by SIGKILL (the OOM killer, `kill -9`, a scheduler's hard timeout) leaves it
@@ -25,8 +27,7 @@ workers have drained (those are stopped at thread shutdown, before atexit handle
 Why no heartbeats on it: each flow run's heartbeat thread sleeps in 1 s steps and the engine
 joins it when the run ends (~0.5-1 s per flow run, two per `multitag tag`). Heartbeats let a
 server notice a flow process that died; a temporary server lives and dies with that process.
-With a configured server they stay on, but the CLI does not wait for the stopped thread's last
-step (`heartbeat_not_awaited`).
+With a configured server they stay on (and the run ends up to ~1 s after its last task).
 """
 
 from __future__ import annotations
@@ -46,21 +47,34 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-# Environment Prefect gives its temporary server (no UI, ephemeral services only).
+from flows._compat_prefect import refresh_process_settings, temporary_server_running
+from multitag.errors import RunFailedError
+
+# Services Prefect's own temporary server does not run (Prefect 3.9.1: every perpetual service
+# without `run_in_ephemeral`), off by their public settings: a server that lives for one run
+# schedules, reschedules and cleans up nothing.
+_EPHEMERAL_SERVICES_OFF = (
+    "SCHEDULER",
+    "LATE_RUNS",
+    "FOREMAN",
+    "CANCELLATION_CLEANUP",
+    "PAUSE_EXPIRATIONS",
+    "REPOSSESSOR",
+    "CLEANUP_RECONCILER",
+)
 SERVER_ENV = {
-    "PREFECT_UI_ENABLED": "0",
-    "PREFECT__SERVER_EPHEMERAL": "1",
-    "PREFECT__SERVER_FINAL": "1",
+    f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in _EPHEMERAL_SERVICES_OFF
 }
 PORTS = range(8000, 9000)  # Prefect's own range for temporary servers
 _STARTUP_FAILURE = 3  # uvicorn's exit code when it could not start (e.g. the port was taken)
+# (`prefect server start` itself exits 1 when the port is taken before uvicorn binds it)
 _MAX_RESPAWNS = 3
 
 
-class PrefectApiError(RuntimeError):
+class PrefectApiError(RunFailedError, RuntimeError):
     """No Prefect API to run the flow against; the CLI reports it in one line."""
 
 
@@ -73,31 +87,25 @@ class ApiUnreachableError(PrefectApiError):
     no address."""
 
 
-def uvicorn_command(port: int) -> list[str]:
-    """The exact command Prefect runs for its temporary server on `port`.
+def server_command(port: int) -> list[str]:
+    """`prefect server start` on 127.0.0.1:`port`, without the UI, in the foreground.
 
-    Prefect's `--app-dir` is `prefect.__module_path__.parent`; it is found here without
-    importing prefect (~0.8 s that would delay the spawn).
+    Run as `python -m prefect` of this interpreter, found without importing prefect (~0.8 s
+    that would delay the spawn).
     """
-    spec = importlib.util.find_spec("prefect")
-    if spec is None or spec.origin is None:
+    if importlib.util.find_spec("prefect") is None:
         raise EphemeralServerError("prefect is not installed in this environment")
     return [
         sys.executable,
         "-m",
-        "uvicorn",
-        "--app-dir",
-        str(Path(spec.origin).parent.parent),
-        "--factory",
-        "prefect.server.api.server:create_app",
+        "prefect",
+        "server",
+        "start",
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
-        "--log-level",
-        "error",
-        "--lifespan",
-        "on",
+        "--no-ui",
     ]
 
 
@@ -145,12 +153,13 @@ def free_port() -> int:
     )
 
 
-def _already_running() -> bool:
-    """True if this process already has Prefect's temporary server (e.g. a second command)."""
-    server_module = sys.modules.get("prefect.server.api.server")
-    if server_module is None:
-        return False
-    return bool(server_module.SubprocessASGIServer().running)
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 class EarlyServer:
@@ -172,7 +181,10 @@ class EarlyServer:
     def _spawn(self) -> subprocess.Popen[bytes]:
         try:
             return subprocess.Popen(
-                uvicorn_command(self.port), env=self.env, preexec_fn=parent_death_hook()
+                server_command(self.port),
+                env=self.env,
+                stdout=subprocess.DEVNULL,  # its welcome banner; errors go to stderr
+                preexec_fn=parent_death_hook(),
             )
         except OSError as e:
             raise EphemeralServerError(
@@ -210,7 +222,6 @@ class EarlyServer:
         server or turn ephemeral mode off: a profile or prefect.toml that `start_early` could
         not see without importing prefect.
         """
-        from prefect.context import refresh_global_settings_context
         from prefect.settings import get_current_settings
 
         settings = get_current_settings()
@@ -219,7 +230,7 @@ class EarlyServer:
             return False
         if self.startup_timeout_s is None:
             self.startup_timeout_s = float(settings.server.ephemeral.startup_timeout_seconds)
-        if _already_running():
+        if temporary_server_running():
             self.stop()
             raise EphemeralServerError(
                 "Prefect already runs a temporary server in this process; "
@@ -236,7 +247,7 @@ class EarlyServer:
             "for more information on running a dedicated Prefect server."
         )
         os.environ["PREFECT_API_URL"] = self.api_url
-        refresh_global_settings_context()
+        refresh_process_settings()
         self.adopted = True
         return True
 
@@ -249,7 +260,8 @@ class EarlyServer:
         with httpx.Client(timeout=5.0) as client:
             while True:
                 code = self.process.poll()
-                if code == _STARTUP_FAILURE and respawns < _MAX_RESPAWNS:
+                lost_port = code == _STARTUP_FAILURE or (code == 1 and _port_taken(self.port))
+                if lost_port and respawns < _MAX_RESPAWNS:
                     respawns += 1  # most likely the port was taken after free_port chose it
                     self.port = free_port()
                     self.process = self._spawn()
@@ -286,7 +298,11 @@ def start_early() -> EarlyServer | None:
     configured only in a profile or prefect.toml is seen by `adopt()`, which then stops the
     server unused.
     """
-    if os.environ.get("PREFECT_API_URL") or _ephemeral_off_in_environment() or _already_running():
+    if (
+        os.environ.get("PREFECT_API_URL")
+        or _ephemeral_off_in_environment()
+        or temporary_server_running()
+    ):
         return None
     return EarlyServer(child_environment())
 
@@ -300,14 +316,14 @@ def _ephemeral_off_in_environment() -> bool:
 
 
 def child_environment() -> dict[str, str]:
-    """This process's environment plus Prefect's temporary-server flags.
+    """This process's environment with the services a temporary server does not run off.
 
-    Prefect also copies its resolved settings into the server's environment
-    (`settings.to_environment_variables(exclude_unset=True)`) so that settings changed inside
-    the parent process reach the server. The CLI changes none before the spawn, and the child
-    resolves the same settings itself from the same environment, profile files and working
-    directory (tests/unit/test_ephemeral.py checks it), so nothing is lost by not importing
-    prefect here.
+    Prefect, for its own temporary server, also copies its resolved settings into the
+    server's environment (`settings.to_environment_variables(exclude_unset=True)`) so that
+    settings changed inside the parent process reach the server. The CLI changes none before
+    the spawn, and the child resolves the same settings itself from the same environment,
+    profile files and working directory (tests/unit/test_ephemeral.py checks it), so nothing
+    is lost by not importing prefect here.
     """
     return {**os.environ, **SERVER_ENV}
 
@@ -336,40 +352,6 @@ def no_heartbeats_on_temporary_server(ours: bool = False) -> Iterator[bool]:
         yield True
 
 
-@contextmanager
-def heartbeat_not_awaited() -> Iterator[bool]:
-    """Flows in this block end without waiting for their heartbeat thread's last 1 s sleep.
-
-    Why: Prefect's sync flow engine stops the heartbeat thread when a run ends and then joins
-    it; the thread notices the stop only between 1 s sleeps, so every CLI run against a
-    configured server ended 0-1 s after its last task (0.8-1.0 s measured on a 10 s tagging
-    run). Prefect's async engine already skips that join (`join_on_exit=False`): the stopped
-    daemon thread ends at its next step on its own, emits nothing once the run is final, and
-    never holds the process. For a CLI process whose flow is its last act, the sync engine
-    can do the same. Heartbeats are still sent while the flow runs.
-
-    Yields whether the engine was changed: False (and nothing changed) when the installed
-    Prefect has no such hook, so an upgrade costs the wait again instead of breaking runs.
-    """
-    import inspect
-
-    from prefect import flow_engine
-
-    original = getattr(flow_engine, "_send_heartbeats", None)
-    if original is None or "join_on_exit" not in inspect.signature(original).parameters:
-        yield False
-        return
-
-    def not_joined(engine: Any, join_on_exit: bool = True) -> Any:
-        return original(engine, join_on_exit=False)
-
-    flow_engine._send_heartbeats = not_joined
-    try:
-        yield True
-    finally:
-        flow_engine._send_heartbeats = original
-
-
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 
 
@@ -384,8 +366,6 @@ def check_configured_api(api_url: str | None) -> None:
     """
     if not api_url or any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARIABLES):
         return
-    from urllib.parse import urlsplit
-
     local = "unset PREFECT_API_URL to run on a temporary local server"
     try:
         parts = urlsplit(api_url)

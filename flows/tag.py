@@ -23,14 +23,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 
 from multitag import tagging
 from multitag.config import TagParams
+from multitag.errors import RunFailedError
 from multitag.inference import tagger
 from tasks.tagging import plan_tagging, resolve_model, tag_shard, write_manifest
 
 
-class ShardsFailedError(RuntimeError):
+class ShardsFailedError(RunFailedError, RuntimeError):
     """A shard failed after its retries; the run's finished shards and manifest are kept.
 
     `__cause__` is the shard's own exception (e.g. the ConnectionError that outlasted them).
@@ -66,7 +68,7 @@ def dask_runner_for(params: TagParams) -> Any:
 
     Without Dask the shards run on `tag-images`' own thread pool (see `_tag_all`).
     """
-    from prefect_dask import DaskTaskRunner
+    from prefect_dask import DaskTaskRunner  # dask + distributed: ~1-2 s, only for Dask runs
 
     if params.dask_address:
         return DaskTaskRunner(address=params.dask_address)
@@ -83,8 +85,6 @@ def dask_runner_for(params: TagParams) -> Any:
 
 def _tag_run_name() -> str:
     """`tag-<dataset>`: the source's last path part, not a whole URI, heads the UI page."""
-    from prefect.runtime import flow_run
-
     params = flow_run.parameters.get("params") or {}
     source = params.get("source", "") if isinstance(params, dict) else params.source
     name = params.get("dataset_name") if isinstance(params, dict) else params.dataset_name
@@ -107,7 +107,8 @@ def _tag_all(
     """
     logger = get_run_logger()
     plan = plan_tagging(params, model_version, run_id)
-    progress = create_progress_artifact(
+    # Called from a sync flow, Prefect's async-compatible function returns the id itself.
+    progress: Any = create_progress_artifact(
         progress=0.0, key="tagging-progress", description=f"shards of run {run_id}"
     )
     delays = [float(d) for d in params.shard_retry_delays_s]
@@ -132,7 +133,7 @@ def _tag_all(
             pending.add(shard_task.submit(spec, params, run_id))
         if not pending:
             break
-        fut = next(as_completed(pending))
+        fut: Any = next(as_completed(list(pending)))
         pending.discard(fut)
         try:
             res = fut.result()

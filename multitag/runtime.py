@@ -6,12 +6,34 @@ worker) *before* torch is imported, and importing this library must have no side
 
 from __future__ import annotations
 
+import importlib
 import os
+import platform
 import sys
+from collections.abc import Iterable
+from importlib import metadata
 
 # Measured on 2 shared cores: PASSIVE stops OpenMP threads spinning between ops, which cut CPU
 # time per epoch 2-3x when another process shares the machine.
 _CPU_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+# The libraries that shape a trained model, recorded in its metrics.json.
+MODEL_LIBRARIES = (
+    "multitag",
+    "torch",
+    "torchvision",
+    "fastai",
+    "fastcore",
+    "timm",
+    "numpy",
+    "pandas",
+    "pillow",
+    "scikit-learn",
+    "fsspec",
+    "s3fs",
+    "pyarrow",
+    "prefect",
+)
 
 
 def configure_cpu_runtime(threads: int | None = None) -> int:
@@ -64,3 +86,26 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+def library_versions(
+    names: Iterable[str] = MODEL_LIBRARIES, *, loaded: bool = False
+) -> dict[str, str]:
+    """Python, the platform and the version of each named library that is installed.
+
+    `loaded=False` reads each distribution's metadata without importing it: cheap enough for
+    metrics.json (`names` are distribution names, e.g. "pillow"). `loaded=True` imports each
+    one (`names` are then module names) and reads `__version__`, which carries the build's
+    local label (torch "2.14.1+cu130" where its metadata says "2.14.1"): native code compiled
+    against a library is keyed by the build that is actually loaded.
+    """
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in names:
+        if loaded:
+            out[name] = str(importlib.import_module(name).__version__)
+            continue
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # not installed: simply not part of this environment
+    return out

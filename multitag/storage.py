@@ -11,10 +11,12 @@ import os
 import posixpath
 import random
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -279,3 +281,48 @@ def _temp_writer_dead(name: str, host: str) -> bool:
 def write_json_atomic(uri: str, obj: Any, *, exclusive: bool = False) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8")
     write_bytes_atomic(uri, data, exclusive=exclusive)
+
+
+def publish_folder(staged: Path, target: Path, *, aside: Path | None = None) -> bool:
+    """Put a fully written local folder at `target`, replacing any folder there; False when a
+    concurrent publisher's folder took `target` first (then `staged` is discarded).
+
+    Why renames: on one filesystem each rename is atomic, so readers see the old folder or the
+    new one, never a half-written tree. The old folder is renamed to `aside` (default a
+    `<target>.old-<pid>` sibling; pass a path inside a temp folder that a later run cleans,
+    so a kill in between leaves nothing in the published tree) and deleted once replaced. Any
+    other failure puts the old folder back and raises.
+    """
+    aside = aside or target.with_name(f"{target.name}.old-{os.getpid()}")
+    moved = False
+    if _present(target):
+        try:
+            os.rename(target, aside)
+            moved = True
+        except FileNotFoundError:
+            pass  # a concurrent publisher moved it first
+    try:
+        os.rename(staged, target)
+    except OSError:
+        if _present(target):  # another publisher's folder landed in between: theirs stays
+            shutil.rmtree(staged, ignore_errors=True)
+            return False
+        if moved:
+            os.rename(aside, target)
+            moved = False
+        raise
+    finally:
+        if moved:
+            _remove_tree(aside)
+    return True
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -10,11 +10,12 @@ from prefect import get_run_logger, task
 from multitag import registry, storage
 from multitag.config import ThresholdParams, TrainParams
 from multitag.data import contracts, datasets
+from multitag.errors import RunFailedError
 from multitag.training import reports, retraining
 from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
 
 
-class ContractViolationError(RuntimeError):
+class ContractViolationError(RunFailedError, RuntimeError):
     """train.csv broke its contract: retrying cannot help, so this is never retried."""
 
 

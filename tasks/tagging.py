@@ -9,9 +9,19 @@ from prefect import get_run_logger, task
 
 from multitag import tagging
 from multitag.config import TagParams
-from multitag.inference.sources import TransientReadError, UnreadableImageError
+from multitag.errors import InputError
+from multitag.inference.sources import TransientReadError, UnreadableImageError, local_path
 from multitag.registry import RegistryError
 from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
+
+
+class SourceNotFoundError(InputError, FileNotFoundError):
+    """The source to tag does not exist (no such folder, no objects under the prefix).
+
+    Why a class here: the library reports it as the FileNotFoundError it is; for the command
+    it means the input could not be used (exit 2), not that the run failed. It stays a
+    FileNotFoundError, so whatever catches that still does.
+    """
 
 
 @task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10])
@@ -41,7 +51,13 @@ def _retry_listing(task: Any, run: Any, state: Any) -> bool:
 )
 def plan_tagging(params: TagParams, model_version: str, run_id: str) -> tagging.RunPlan:
     """List the source and claim the images not yet tagged by this model version."""
-    plan = tagging.plan_run(params, model_version=model_version, run_id=run_id)
+    try:
+        plan = tagging.plan_run(params, model_version=model_version, run_id=run_id)
+    except FileNotFoundError as e:
+        names = (params.source.rstrip("/"), local_path(params.source))
+        if isinstance(e, SourceNotFoundError) or not any(n and n in str(e) for n in names):
+            raise  # not the source's own absence (the listing names it in its message)
+        raise SourceNotFoundError(str(e)) from e
     get_run_logger().info(
         "listed %d images: %d already tagged, %d new, %d resumed, %d error rows retried; "
         "%d shard(s) of <= %d",

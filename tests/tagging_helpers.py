@@ -57,17 +57,17 @@ def register_tiny_model(
     from multitag import registry
     from multitag.config import ThresholdParams, shapes_train_params
     from multitag.data.shapes import make_shapes_dataset
-    from multitag.training import learner as training
+    from multitag.training import learner
     from multitag.training import thresholds as th
     from multitag.training.retraining import label_prevalence
 
     dataset = make_shapes_dataset(work / "shapes", n_train=96, n_test=4, img_size=TINY_IMG_SIZE)
     params = shapes_train_params(img_size=TINY_IMG_SIZE, epochs=1, batch_size=32)
-    result = training.train(dataset, params)
-    probs, targets = training.predict_validation(result.learner)
+    result = learner.train(dataset, params)
+    probs, targets = learner.predict_validation(result.learner)
     ts = th.select_thresholds(probs, targets, result.vocab, ThresholdParams(policy="global"))
-    model_file = training.export_learner(result.learner, work / "model.pkl", ts.as_array())
-    table = training.read_training_table(dataset)
+    model_file = learner.export_learner(result.learner, work / "model.pkl", ts.as_array())
+    table = learner.read_training_table(dataset)
     prevalence = label_prevalence(table, result.vocab)
     metrics = {
         "validation": th.evaluate(probs, targets, ts, result.vocab).to_dict(),
@@ -78,7 +78,7 @@ def register_tiny_model(
     if with_fastpath:
         from multitag.training.retraining import export_fastpath
 
-        spec = training.inference_spec(result.learner)
+        spec = learner.inference_spec(result.learner)
         extra, metrics["fastpath"] = export_fastpath(
             result.learner, work, dataset, ts, spec, n_check=1000
         )
@@ -87,14 +87,14 @@ def register_tiny_model(
         learner_file=model_file,
         thresholds=ts.to_json(),
         metrics=metrics,
-        inference=training.inference_spec(result.learner),
+        inference=learner.inference_spec(result.learner),
         report_files={},
         extra_files=extra,
     )
     if promote:
         registry.promote(str(home), version)
     return TinyModel(
-        home, version, model_file, ts.to_json(), metrics, training.inference_spec(result.learner)
+        home, version, model_file, ts.to_json(), metrics, learner.inference_spec(result.learner)
     )
 
 

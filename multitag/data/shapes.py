@@ -20,6 +20,7 @@ import csv
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def sample_scene(rng: np.random.Generator, img_size: int) -> Scene:
     """Random background plus 0-3 non-overlapping objects of distinct classes."""
-    background = tuple(int(v) for v in rng.integers(0, 256, size=3))
+    red, green, blue = (int(v) for v in rng.integers(0, 256, size=3))
+    background = (red, green, blue)
     gradient = (float(rng.uniform(-25, 25)), float(rng.uniform(-25, 25)))
     noise_sigma = float(rng.uniform(6, 16))
     noise_seed = int(rng.integers(0, 2**31 - 1))
@@ -276,7 +278,7 @@ def _save_jpeg(img: Image.Image, path: Path) -> None:
     img.save(path, format="JPEG", quality=_JPEG_QUALITY)
 
 
-def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _write_csv(path: Path, header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)

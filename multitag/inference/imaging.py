@@ -39,6 +39,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from multitag.errors import InputError
+
 ResizeMethod = Literal["crop", "squish", "pad"]
 PadMode = Literal["reflection", "zeros", "border"]
 
@@ -82,7 +84,7 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _PLAIN_MODES = {"1", "L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(InputError):
     """A file that cannot become a model input; `kind` groups reasons for run statistics.
 
     kinds: empty, unrecognised, too_large, truncated, corrupt, unsupported_mode.

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from multitag.errors import InputError, RunFailedError
 from multitag.inference.imaging import decodable_extensions
 from multitag.storage import fs_and_path, unstrip
 
@@ -49,15 +50,15 @@ _LOCAL_PROTOCOLS = ("file://", "local://")
 log = logging.getLogger(__name__)
 
 
-class TaggingError(Exception):
+class TaggingError(InputError):
     """Tagging cannot start or continue; the message says what to change."""
 
 
-class SourceUnavailableError(TaggingError):
+class SourceUnavailableError(RunFailedError, TaggingError):
     """The image source could not be listed (unreachable endpoint, denied, bad credentials)."""
 
 
-class TransientReadError(TaggingError):
+class TransientReadError(RunFailedError, TaggingError):
     """Reading an image failed for a reason that is not a fact about it: retry the shard.
 
     `uri` and `code` (the S3 error code, an errno name or an exception type) say which object
@@ -70,7 +71,7 @@ class TransientReadError(TaggingError):
         self.code = code
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(InputError, OSError):
     """A fact about one object that keeps it from being read; `reason` is its error row."""
 
     def __init__(self, reason: str) -> None:

@@ -6,7 +6,8 @@ accuracy_multi and mAP; `fine_tune` from pretrained weights, `fit_one_cycle` fro
 
 Only training code paths import this module (it imports fastai at the top). Everything an
 exported learner refers to at load time lives in `multitag.training.models`, never here, so
-`load_learner_file` works in a process that never trained.
+`load_learner_file` works in a process that never trained. Reading train.csv into the table
+fastai needs (and TrainingError) lives in `multitag.training.training_table`, re-exported here.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import fastai.callback.schedule  # noqa: F401
 import numpy as np
 import pandas as pd
 import torch
+import torchvision
 from fastai.callback.core import Callback
 from fastai.data.block import DataBlock, MultiCategoryBlock
-from fastai.data.transforms import ColReader, ColSplitter
+from fastai.data.transforms import ColReader, ColSplitter, Normalize
 from fastai.learner import Learner, Recorder
 from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import AccumMetric, ActivationType, accuracy_multi
@@ -43,15 +45,43 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.learner import vision_learner
 
 from multitag.config import TrainParams
+from multitag.runtime import available_cpus, configure_cpu_runtime, pick_device
+
+# Also what an unpickled learner refers to (its builders and metrics): importing it here
+# is what lets `load_learner_file` unpickle in a process that never trained.
 from multitag.training.models import mean_average_precision, shapes_cnn
+from multitag.training.training_table import (
+    REQUIRED_COLUMNS,
+    TrainingError,
+    cap_validation,
+    label_vocab,
+    normalise_table,
+    read_training_table,
+)
 
-REQUIRED_COLUMNS = ("fname", "labels", "is_valid")
-_BOOL_SPELLINGS = {"true": True, "false": False, "1": True, "0": False}
+# Re-exported: callers reach the table helpers and TrainingError through this module too.
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "PretrainedWeightsUnavailable",
+    "TrainResult",
+    "TrainingError",
+    "build_dataloaders",
+    "build_learner",
+    "cap_validation",
+    "export_learner",
+    "inference_spec",
+    "label_vocab",
+    "load_learner_file",
+    "normalise_table",
+    "pick_training_device",
+    "predict_files",
+    "predict_validation",
+    "read_training_table",
+    "resolve_arch",
+    "train",
+]
+
 _INFO_ATTR = "multitag_info"  # dict stored on the learner; travels inside model.pkl
-
-
-class TrainingError(Exception):
-    """Training cannot start or finish; the message says what to change."""
 
 
 class PretrainedWeightsUnavailable(TrainingError):
@@ -70,78 +100,6 @@ class TrainResult:
     lr: float  # the peak learning rate used (lr_find's suggestion when params.lr is None)
 
 
-# --------------------------------------------------------------------------- table
-
-
-def read_training_table(dataset_dir: Path) -> pd.DataFrame:
-    """Parse train.csv into fname (str), labels (str, '' = none), is_valid (real bool).
-
-    Why not `pd.read_csv` defaults: an empty labels cell would become NaN, and fastai's
-    ColSplitter treats the *string* 'False' as true, putting every row in validation.
-    """
-    path = Path(dataset_dir) / "train.csv"
-    if not path.is_file():
-        raise TrainingError(f"{path} not found: a dataset needs train.csv next to train/.")
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    return normalise_table(raw, source=str(path))
-
-
-def normalise_table(table: pd.DataFrame, source: str = "table") -> pd.DataFrame:
-    """Coerce a parsed table (ours or the contract report's) to the exact types training needs."""
-    table = table.rename(columns=lambda c: str(c).strip())
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise TrainingError(f"{source}: missing column(s) {missing}; expected {REQUIRED_COLUMNS}.")
-    out = pd.DataFrame(
-        {
-            "fname": table["fname"].astype(str).str.strip(),
-            "labels": [_normalise_labels(v) for v in table["labels"]],
-            "is_valid": [_parse_bool(v, i, source) for i, v in enumerate(table["is_valid"])],
-        }
-    )
-    out["is_valid"] = out["is_valid"].astype(bool)
-    if not out["is_valid"].any() or out["is_valid"].all():
-        raise TrainingError(
-            f"{source}: needs at least one training row and one validation row "
-            f"(is_valid True: {int(out['is_valid'].sum())} of {len(out)})."
-        )
-    return out
-
-
-def _normalise_labels(value: Any) -> str:
-    """Single spaces between tokens, so label_delim=' ' never yields an empty label."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return " ".join(str(value).split())
-
-
-def _parse_bool(value: Any, row: int, source: str) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    key = str(value).strip().lower()
-    if key not in _BOOL_SPELLINGS:
-        raise TrainingError(
-            f"{source}: row {row + 2} (line in the CSV) has is_valid={value!r}; "
-            "use True/False, true/false or 1/0."
-        )
-    return _BOOL_SPELLINGS[key]
-
-
-def label_vocab(table: pd.DataFrame) -> list[str]:
-    """Sorted union of every label in train and valid rows (fastai's order: sorted)."""
-    return sorted({tok for labels in table["labels"] for tok in labels.split()})
-
-
-def cap_validation(table: pd.DataFrame, max_valid: int | None, seed: int) -> pd.DataFrame:
-    """Drop (never move to training) validation rows beyond `max_valid`, chosen by seed."""
-    valid_idx = np.flatnonzero(table["is_valid"].to_numpy())
-    if max_valid is None or len(valid_idx) <= max_valid:
-        return table
-    rng = np.random.default_rng(seed)
-    drop = rng.choice(valid_idx, size=len(valid_idx) - max_valid, replace=False)
-    return table.drop(index=table.index[drop]).reset_index(drop=True)
-
-
 # --------------------------------------------------------------------------- model choice
 
 
@@ -149,11 +107,9 @@ def resolve_arch(name: str) -> Callable[..., Any] | str:
     """torchvision builder, 'shapes_cnn', or a timm name (string: fastai builds it via timm)."""
     if name == "shapes_cnn":
         return shapes_cnn
-    import torchvision
-
     if name in torchvision.models.list_models(module=torchvision.models):
         return torchvision.models.get_model_builder(name)
-    import timm
+    import timm  # optional (as fastai treats it): only timm architecture names need it
 
     if timm.is_model(name):
         return name
@@ -166,8 +122,6 @@ def resolve_arch(name: str) -> Callable[..., Any] | str:
 
 def _pretrained_error(arch: str, err: BaseException) -> PretrainedWeightsUnavailable:
     """Say exactly where the weights file must go for fastai to find it offline."""
-    import torchvision
-
     if arch in torchvision.models.list_models(module=torchvision.models):
         url = torchvision.models.get_model_weights(arch).DEFAULT.url
         fname = url.rsplit("/", 1)[-1]
@@ -201,8 +155,6 @@ def _offline_errors() -> tuple[type[BaseException], ...]:
 
 
 def pick_training_device(preferred: str) -> str:
-    from multitag.runtime import configure_cpu_runtime, pick_device
-
     device = pick_device(preferred)
     if device == "cpu":
         configure_cpu_runtime()
@@ -241,8 +193,6 @@ def _num_workers(params: TrainParams, device: str) -> int:
         return params.num_workers
     if device == "cpu":
         return 0  # measured on 2 cores: worker processes cost more than they overlap
-    from multitag.runtime import available_cpus
-
     return min(8, available_cpus())
 
 
@@ -273,8 +223,6 @@ def build_learner(dls: Any, params: TrainParams) -> Learner:
 
 def _ensure_normalize(dls: Any) -> None:
     """fastai adds Normalize only for pretrained models; random init needs it just as much."""
-    from fastai.data.transforms import Normalize
-
     if not any(isinstance(t, Normalize) for t in dls.after_batch.fs):
         dls.add_tfms([Normalize.from_stats(*imagenet_stats)], "after_batch")
 
@@ -449,10 +397,8 @@ def load_learner_file(path: Path | BinaryIO, cpu: bool = True) -> Learner:
     behind an UnboundLocalError; here the real error propagates. A binary file object (the
     registry passes a BytesIO of the bytes it hashed) is read as it is, never re-opened.
     """
-    import multitag.training.models  # noqa: F401  (the pickle refers to builders/metrics in it)
-
     map_location = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
-    source = path if hasattr(path, "read") else Path(path)  # type: ignore[arg-type]
+    source = path if hasattr(path, "read") else Path(path)
     learn = torch.load(source, map_location=map_location, weights_only=False)
     if not isinstance(learn, Learner):
         raise TrainingError(f"{path} does not hold a fastai Learner (got {type(learn).__name__}).")
@@ -467,8 +413,6 @@ def load_learner_file(path: Path | BinaryIO, cpu: bool = True) -> Learner:
 
 def inference_spec(learner: Learner) -> dict[str, Any]:
     """What a plain-torch tagger needs to preprocess exactly as training did."""
-    from fastai.data.transforms import Normalize
-
     info = getattr(learner, _INFO_ATTR, None)
     if info is None:
         raise TrainingError(

@@ -4,17 +4,19 @@ Why files and not only Prefect artifacts: the report travels inside the registry
 (report.md + PNGs next to model.pkl), so whoever finds a model later, on any storage, can read
 how it was trained and how its thresholds behave without Prefect or the training run.
 
-Plots are drawn on `matplotlib.figure.Figure` with an Agg canvas: no pyplot, so no global
-backend state is touched and nothing needs a display.
+The plots are drawn by `report_plots`; this module writes the page and puts them together.
 """
 
 from __future__ import annotations
 
-import io
+import base64
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from multitag.errors import MultitagError
+from multitag.training.report_plots import ordered_labels, plot_per_label_ap, plot_threshold_curves
 
 REPORT_FILE = "report.md"
 CURVES_PNG = "threshold_curves.png"
@@ -38,15 +40,9 @@ HEADLINE = (
     ("n_images", "images"),
     ("n_labels_without_positives", "labels without positives"),
 )
-_CURVE_SERIES = (
-    ("accuracy_multi", "accuracy_multi"),
-    ("f1_micro", "F1 micro"),
-    ("precision_micro", "precision micro"),
-    ("recall_micro", "recall micro"),
-)
 
 
-class ReportError(ValueError):
+class ReportError(MultitagError, ValueError):
     """The inputs lack what the report is built from (the message names the key)."""
 
 
@@ -156,9 +152,10 @@ def _test_comparison_section(metrics: Mapping[str, Any]) -> str:
     glob = metrics.get("test_global_policy")
     if not isinstance(best, Mapping) or not isinstance(test, Mapping):
         return ""
-    has_glob = isinstance(glob, Mapping)
+    glob = glob if isinstance(glob, Mapping) else None
+    has_glob = glob is not None
     keys = [k for k, _ in HEADLINE if k in best and k in test]
-    rows = [[k, test[k], *([glob.get(k)] if has_glob else []), best[k]] for k in keys]
+    rows = [[k, test[k], *([glob.get(k)] if glob is not None else []), best[k]] for k in keys]
     header = ["Metric", "Selected thresholds"]
     header += ["Global, chosen on validation"] if has_glob else []
     header += ["Best global (oracle)"]
@@ -195,7 +192,7 @@ def _per_label_section(thresholds: Mapping[str, Any], evaluation: Mapping[str, A
     per_label = evaluation["per_label"]
     details = thresholds.get("label_details") or {}
     rows = []
-    for label in _labels(thresholds["vocab"], per_label):
+    for label in ordered_labels(thresholds["vocab"], per_label):
         m = per_label.get(label) or {}
         threshold = m.get("threshold", thresholds["per_label"].get(label))
         source = (details.get(label) or {}).get("source")
@@ -213,11 +210,6 @@ def _per_label_section(thresholds: Mapping[str, Any], evaluation: Mapping[str, A
         )
     header = ["Label", "Support", "AP", "F1", "Precision", "Recall", "Threshold", "Source"]
     return "## Per label (validation)\n\n" + table(header, rows)
-
-
-def _labels(vocab: Sequence[str], per_label: Mapping[str, Any]) -> list[str]:
-    """Vocab order first, then any evaluated label the vocab lacks (should not happen)."""
-    return list(vocab) + [label for label in per_label if label not in vocab]
 
 
 def _training_section(metrics: Mapping[str, Any]) -> str:
@@ -252,121 +244,9 @@ def _key_value_section(title: str, mapping: Any) -> str:
     return f"## {title}\n\n" + table(["Key", "Value"], _flatten(mapping))
 
 
-# --------------------------------------------------------------------------------- plots
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _floats(values: Sequence[Any]) -> Any:
-    import numpy as np
-
-    return np.array([math.nan if v is None else float(v) for v in values], dtype=float)
-
-
-def plot_threshold_curves(thresholds: Mapping[str, Any]) -> bytes:
-    """Left: the global sweep (fastbook) with the chosen global threshold marked. Right: each
-    label's F1 curve with a dot at its own chosen threshold."""
-    curves = thresholds["curves"]
-    grid = _floats(curves["thresholds"])
-    per_label_curves = curves.get("per_label") or {}
-    fig = _figure(12 if per_label_curves else 6.5, 4.5)
-    axes = fig.subplots(1, 2 if per_label_curves else 1, squeeze=False)[0]
-
-    ax = axes[0]
-    for key, name in _CURVE_SERIES:
-        if key in curves["global"]:
-            ax.plot(grid, _floats(curves["global"][key]), label=name)
-    chosen = float(thresholds["global_threshold"])
-    ax.axvline(chosen, color="black", linestyle="--", label=f"chosen global {chosen:.3f}")
-    ax.set(
-        title="Global threshold sweep (validation)",
-        xlabel="threshold",
-        ylabel="score",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
-    ax.legend(loc="lower left", fontsize="small")
-    ax.grid(alpha=0.3)
-
-    if per_label_curves:
-        ax = axes[1]
-        for label in _labels(thresholds["vocab"], per_label_curves):
-            f1 = per_label_curves.get(label, {}).get("f1")
-            if f1 is None:
-                continue
-            (line,) = ax.plot(grid, _floats(f1), linewidth=1, label=label)
-            t = thresholds["per_label"].get(label)
-            if t is not None:
-                ax.plot([t], [_interp(grid, _floats(f1), float(t))], "o", color=line.get_color())
-        ax.set(
-            title="Per-label F1 (dot: chosen threshold)",
-            xlabel="threshold",
-            ylabel="F1",
-            xlim=(0, 1),
-            ylim=(0, 1.02),
-        )
-        ax.legend(loc="lower left", fontsize="x-small", ncols=2)
-        ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def _interp(grid: Any, values: Any, x: float) -> float:
-    import numpy as np
-
-    ok = np.isfinite(values)
-    if not ok.any():
-        return math.nan
-    return float(np.interp(x, grid[ok], values[ok]))
-
-
-def plot_per_label_ap(evaluation: Mapping[str, Any], vocab: Sequence[str]) -> bytes:
-    """Horizontal bars of validation AP per label, annotated with support; n/a for no positives."""
-    per_label = evaluation["per_label"]
-    labels = _labels(vocab, per_label)
-    ap = _floats([(per_label.get(label) or {}).get("ap") for label in labels])
-    fig = _figure(7, max(2.5, 0.35 * len(labels) + 1.2))
-    ax = fig.subplots()
-    y = list(range(len(labels)))
-    ax.barh(y, [0 if math.isnan(v) else v for v in ap], color="tab:blue")
-    for i, (label, value) in enumerate(zip(labels, ap, strict=True)):
-        support = (per_label.get(label) or {}).get("support")
-        text = "n/a" if math.isnan(value) else f"{value:.3f}"
-        ax.text(
-            min(value, 1.0) if not math.isnan(value) else 0.01,
-            i,
-            f" {text} (n={support})",
-            va="center",
-            fontsize="small",
-        )
-    ax.set_yticks(y, labels)
-    ax.invert_yaxis()
-    mean_ap = evaluation.get("mAP")
-    title = "Average precision per label (validation)"
-    if isinstance(mean_ap, int | float):
-        title += f", mAP {mean_ap:.3f}"
-    ax.set(title=title, xlabel="average precision", xlim=(0, 1.25))
-    ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
-
-
 def inline_images(markdown: str, images: Mapping[str, bytes]) -> str:
     """Embed the report's PNGs as data URIs, for viewers (the Prefect UI) that cannot follow
     a relative file name into the registry folder."""
-    import base64
-
     for name, data in images.items():
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         markdown = markdown.replace(f"]({name})", f"]({uri})")

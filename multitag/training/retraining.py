@@ -8,19 +8,37 @@ arrays. The folder is local to the worker that trains; only `register_stage` wri
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from multitag import __version__, registry
 from multitag.config import ThresholdParams, TrainParams
+from multitag.data import contracts
+from multitag.errors import RunFailedError
+from multitag.hashing import sha256_bytes, sha256_file
+from multitag.inference import measure
+from multitag.inference.imaging import decode_image
+from multitag.inference.sampling import decode_spread
+from multitag.runtime import library_versions
 from multitag.storage import write_bytes_atomic
+from multitag.training import reports
+from multitag.training import thresholds as th
+from multitag.training.thresholds import ThresholdSet
+
+# `multitag.training.learner` is imported inside the steps that train or unpickle: it imports
+# fastai and torch at load time (16 s and 1 GB here, against 0.5 s for this module), and the
+# flows, `tasks.retrain` and a stage-reuse check import this module without training.
 
 STAGE_MODEL = "model.pkl"
 STAGE_TRAIN = "train.json"
@@ -32,7 +50,7 @@ STAGE_EVALUATION = "evaluation.json"
 log = logging.getLogger(__name__)
 
 
-class StageIntegrityError(RuntimeError):
+class StageIntegrityError(RunFailedError, RuntimeError):
     """A staged file no longer matches the sha256 recorded when it was written."""
 
 
@@ -44,12 +62,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=False, **arrays)  # numeric arrays only; np.load refuses pickles
     write_bytes_atomic(str(path), buf.getvalue())
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _json_default(obj: Any) -> Any:
@@ -84,8 +98,6 @@ def _read_test_labels(dataset_dir: Path, vocab: list[str]) -> tuple[list[Path], 
     path = dataset_dir / "test_labels.csv"
     if not path.exists():
         return None
-    import pandas as pd
-
     df = pd.read_csv(path, keep_default_na=False, dtype=str)
     index = {label: i for i, label in enumerate(vocab)}
     targets = np.zeros((len(df), len(vocab)), dtype=bool)
@@ -105,8 +117,7 @@ def train_stage(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Train, then save the provisional learner and validation/test predictions to `stage_dir`."""
-    from multitag.data import contracts
-    from multitag.training import learner as training
+    from multitag.training import learner
 
     dataset_dir, stage = Path(dataset_dir), Path(stage_dir)
     stage.mkdir(parents=True, exist_ok=True)
@@ -114,14 +125,14 @@ def train_stage(
     # One parse of train.csv, by the contract's rules (is_valid spellings come from its YAML);
     # the images were already checked by the validate step, so they are not opened again.
     table = contracts.validate_dataset(dataset_dir, check_images=False).table
-    result = training.train(dataset_dir, params, on_epoch=on_epoch, table=table)
-    probs, targets = training.predict_validation(result.learner)
+    result = learner.train(dataset_dir, params, on_epoch=on_epoch, table=table)
+    probs, targets = learner.predict_validation(result.learner)
     _save_npz(stage / STAGE_VALID, probs=probs, targets=targets)
     test = _read_test_labels(dataset_dir, result.vocab)
     if test is not None:
-        test_probs = training.predict_files(result.learner, test[0])
+        test_probs = learner.predict_files(result.learner, test[0])
         _save_npz(stage / STAGE_TEST, probs=test_probs, targets=test[1])
-    training.export_learner(result.learner, stage / STAGE_MODEL, thresholds=0.5)  # atomic
+    learner.export_learner(result.learner, stage / STAGE_MODEL, thresholds=0.5)  # atomic
     summary = {
         "vocab": result.vocab,
         "history": result.history,
@@ -131,11 +142,11 @@ def train_stage(
         "n_valid": result.n_valid,
         "params": params.model_dump(),
         "prevalence": label_prevalence(table, result.vocab),
-        "inference": training.inference_spec(result.learner),
+        "inference": learner.inference_spec(result.learner),
         "has_test_set": test is not None,
         # What a later run reusing this stage checks before it trusts (and unpickles) it.
         "sha256": {
-            name: _sha256_file(stage / name)
+            name: sha256_file(stage / name)
             for name in (STAGE_MODEL, STAGE_VALID, STAGE_TEST)
             if (stage / name).exists()
         },
@@ -146,8 +157,6 @@ def train_stage(
 
 def threshold_stage(stage_dir: str | Path, params: ThresholdParams) -> dict[str, Any]:
     """Choose thresholds on validation; judge them (and the best single global one) on test."""
-    from multitag.training import thresholds as th
-
     stage = Path(stage_dir)
     vocab = read_stage_json(stage, STAGE_TRAIN)["vocab"]
     valid = np.load(stage / STAGE_VALID)
@@ -174,8 +183,6 @@ def _global_policy_on_test(
 ) -> dict[str, Any]:
     """The single global threshold chosen on validation, judged on test: the baseline the
     chosen policy must match or beat on images neither was chosen on."""
-    from multitag.training import thresholds as th
-
     glob = th.select_thresholds(
         valid["probs"], valid["targets"], vocab, params.model_copy(update={"policy": "global"})
     )
@@ -185,8 +192,6 @@ def _global_policy_on_test(
 
 def _best_global_on(probs: np.ndarray, targets: np.ndarray, vocab: list[str]) -> dict[str, Any]:
     """The best single global threshold chosen *on test itself*: an upper bound to compare with."""
-    from multitag.training import thresholds as th
-
     oracle = th.select_thresholds(probs, targets, vocab, ThresholdParams(policy="global"))
     ev = th.evaluate(probs, targets, oracle.as_array(), vocab).to_dict()
     return {"threshold": oracle.global_threshold, **{k: ev[k] for k in _HEADLINE if k in ev}}
@@ -210,10 +215,7 @@ def register_stage(
     with the model; a model that cannot be exported is registered without one (logged and
     recorded in metrics.json), since tagging can still run it in fp32.
     """
-    from multitag import registry
-    from multitag.training import learner as training
-    from multitag.training import reports
-    from multitag.training.thresholds import ThresholdSet
+    from multitag.training import learner
 
     stage = Path(stage_dir)
     train_info = read_stage_json(stage, STAGE_TRAIN)
@@ -221,11 +223,11 @@ def register_stage(
     evaluation = read_stage_json(stage, STAGE_EVALUATION)
     # The provisional model.pkl may come from an earlier run (a reused stage): what is
     # unpickled is the bytes just checked against the sha256 train_stage recorded.
-    learner = training.load_learner_file(io.BytesIO(_verified_stage_bytes(stage, STAGE_MODEL)))
+    learn = learner.load_learner_file(io.BytesIO(_verified_stage_bytes(stage, STAGE_MODEL)))
     final = stage / "final"
     final.mkdir(exist_ok=True)
     ts = ThresholdSet.from_json(thresholds)
-    training.export_learner(learner, final / STAGE_MODEL, thresholds=ts.as_array())
+    learner.export_learner(learn, final / STAGE_MODEL, thresholds=ts.as_array())
     metrics = {
         "validation": evaluation["validation"],
         "test": evaluation.get("test"),
@@ -241,7 +243,7 @@ def register_stage(
         "wall_time_s": train_info["wall_time_s"],
         "train_label_prevalence": train_info["prevalence"]["labels"],
         "train_none_rate": train_info["prevalence"]["none"],
-        "library_versions": registry.library_versions(),
+        "library_versions": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     extra: dict[str, Path] = {}
@@ -249,7 +251,7 @@ def register_stage(
     if fastpath_check_images > 0 and (dataset_dir / "train.csv").is_file():
         try:
             extra, metrics["fastpath"] = export_fastpath(
-                learner, final, dataset_dir, ts, train_info["inference"], fastpath_check_images
+                learn, final, dataset_dir, ts, train_info["inference"], fastpath_check_images
             )
         except Exception as exc:  # any exporter failure: recorded, the model registers without
             log.warning("no fast path for this model (tagging will check one): %s", exc)
@@ -281,20 +283,16 @@ def export_fastpath(
     spread evenly over each, decoded exactly as tagging decodes. Returns the files for the
     registry and a summary for metrics.json.
     """
-    from multitag import registry
-    from multitag.data import contracts
-    from multitag.inference import fastpath
-
     table = contracts.validate_dataset(dataset_dir, check_images=False).table
     valid = list(table.loc[table["is_valid"], "fname"])
     train = list(table.loc[~table["is_valid"], "fname"])
     check = _decode_spread(dataset_dir / "train", valid, n_check, inference)
     calibration = _decode_spread(dataset_dir / "train", train, n_calibration, inference)
     out = final / "fastpath"
-    record = fastpath.build_for_registry(
+    record = measure.build_for_registry(
         learner.model, out, mean=inference["mean"], std=inference["std"],
         img_size=int(inference["img_size"]), thresholds=thresholds,
-        model_sha256=registry.sha256_bytes((final / STAGE_MODEL).read_bytes()),
+        model_sha256=sha256_bytes((final / STAGE_MODEL).read_bytes()),
         calibration=calibration, check=check,
     )  # fmt: skip
     summary = {
@@ -306,29 +304,18 @@ def export_fastpath(
         "images_per_s": {k: round(c.images_per_s, 1) for k, c in record.candidates.items()},
         "build_s": record.build_s,
     }
-    return fastpath.registry_files(out), summary
+    return measure.registry_files(out), summary
 
 
 def _decode_spread(folder: Path, names: list[str], n: int, inference: dict[str, Any]) -> np.ndarray:
     """Up to n images of `names`, evenly spread, as the tagger decodes them (unreadable skipped)."""
-    from multitag.inference.imaging import ImageDecodeError, decode_image
-
-    if not names or n <= 0:
-        return np.zeros((0, 0, 0, 3), dtype=np.uint8)
-    picks = sorted({int(i) for i in np.linspace(0, len(names) - 1, min(n, len(names))).round()})
-    arrays = []
-    for i in picks:
-        try:
-            image = decode_image(
-                (folder / names[i]).read_bytes(),
-                int(inference["img_size"]),
-                resize_method=inference.get("resize_method", "crop"),
-                pad_mode=inference.get("pad_mode", "reflection"),
-            )
-        except (OSError, ImageDecodeError):
-            continue
-        arrays.append(image.array)
-    return np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    decode = functools.partial(
+        decode_image,
+        target_size=int(inference["img_size"]),
+        resize_method=inference.get("resize_method", "crop"),
+        pad_mode=inference.get("pad_mode", "reflection"),
+    )
+    return decode_spread([str(folder / name) for name in names], n, decode)
 
 
 def stage_key(dataset_dir: str | Path, params: TrainParams) -> str:
@@ -337,16 +324,12 @@ def stage_key(dataset_dir: str | Path, params: TrainParams) -> str:
     The dataset part hashes train.csv and the sizes of the listed images: cheap, and it changes
     when labels, splits or images change.
     """
-    import hashlib
-
     root = Path(dataset_dir)
     h = hashlib.sha256()
     h.update((root / "train.csv").read_bytes())
     for p in sorted((root / "train").iterdir()):
         h.update(f"{p.name}:{p.stat().st_size};".encode())
     h.update(params.model_dump_json().encode())
-    from multitag import __version__
-
     h.update(__version__.encode())
     return h.hexdigest()[:20]
 
@@ -381,7 +364,7 @@ def _verified_stage_bytes(stage: Path, name: str) -> bytes:
             f"{stage / STAGE_TRAIN} records no sha256 for {name}; the stage cannot be trusted"
         )
     data = (stage / name).read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
+    actual = sha256_bytes(data)
     if actual != expected:
         raise StageIntegrityError(
             f"staged {name} in {stage} has sha256 {actual}, but train.json recorded {expected}: "
@@ -392,8 +375,6 @@ def _verified_stage_bytes(stage: Path, name: str) -> bytes:
 
 def staging_root() -> Path:
     """Local scratch for training artifacts before they reach the (maybe remote) registry."""
-    import os
-
     if os.environ.get("MULTITAG_STAGING"):
         return Path(os.environ["MULTITAG_STAGING"])
     cache = os.environ.get("MULTITAG_CACHE_DIR") or str(Path.home() / ".cache" / "multitag")

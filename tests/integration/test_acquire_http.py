@@ -116,16 +116,16 @@ def shapes_archive(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def untar_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from multitag.data import datasets
+    from multitag.data import extraction
 
-    real: Callable[..., Path] = datasets._extract
+    real: Callable[..., Path] = extraction.extract_archive
     calls: list[str] = []
 
     def spy(url: str, *args: object, **kwargs: object) -> Path:
         calls.append(url)
         return real(url, *args, **kwargs)
 
-    monkeypatch.setattr(datasets, "_extract", spy)  # the extraction step (after the checks)
+    monkeypatch.setattr(extraction, "extract_archive", spy)  # the step after the checks
     return calls
 
 

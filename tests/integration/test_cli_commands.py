@@ -82,56 +82,99 @@ def test_retrain_cli_rejects_a_negative_fast_path_check(capsys: pytest.CaptureFi
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_cli_flows_send_heartbeats_without_waiting_for_their_thread_at_the_end(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import threading
-
-    from prefect import flow, flow_engine
-    from prefect.settings import temporary_settings
-
-    from flows.ephemeral import heartbeat_not_awaited
-
-    joins: list[bool] = []
-    send = flow_engine._send_heartbeats
-
-    def record_join(engine: object, join_on_exit: bool = True) -> object:
-        joins.append(join_on_exit)
-        return send(engine, join_on_exit=join_on_exit)
-
-    monkeypatch.setattr(flow_engine, "_send_heartbeats", record_join)
-    emitted = threading.Event()
-    emit = flow_engine.FlowRunEngine._emit_flow_run_heartbeat
-
-    def record_emit(self: object, *args: object) -> None:
-        emit(self, *args)
-        emitted.set()
-
-    monkeypatch.setattr(flow_engine.FlowRunEngine, "_emit_flow_run_heartbeat", record_emit)
-
-    @flow
-    def beats() -> bool:
-        return emitted.wait(timeout=30)  # the heartbeat thread emits as it starts
-
-    with temporary_settings(updates={"flows.heartbeat_frequency": 30}):
-        with heartbeat_not_awaited() as changed:
-            assert beats() is True
-        emitted.clear()
-        assert beats() is True
-    assert changed and joins == [False, True]
-    assert flow_engine._send_heartbeats is record_join
-
-
-def test_heartbeat_tweak_leaves_an_engine_without_the_hook_alone(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_cli_flows_keep_their_heartbeats_against_a_server_that_outlives_the_run() -> None:
+    """Heartbeats (Prefect's crash detection) stay on unless the server ends with the run:
+    only the public `flows.heartbeat_frequency` setting is changed, never the engine."""
     from prefect import flow_engine
+    from prefect.settings import get_current_settings, temporary_settings
 
-    from flows.ephemeral import heartbeat_not_awaited
+    from flows.cli import _run_flow
 
-    monkeypatch.setattr(flow_engine, "_send_heartbeats", lambda engine: None)
-    with heartbeat_not_awaited() as changed:
-        assert not changed
-    monkeypatch.delattr(flow_engine, "_send_heartbeats")
-    with heartbeat_not_awaited() as changed:
-        assert not changed
+    send = flow_engine._send_heartbeats
+    seen: list[object] = []
+
+    class Done:
+        def is_completed(self) -> bool:
+            return True
+
+        def result(self) -> str:
+            return "ok"
+
+    def flow_fn(params: object, return_state: bool) -> Done:
+        seen.append(get_current_settings().flows.heartbeat_frequency)
+        return Done()
+
+    url = get_current_settings().api.url
+    assert url  # the harness's server, as a configured one would be
+    with temporary_settings(updates={"flows.heartbeat_frequency": 60, "api.url": url}):
+        assert _run_flow("tag", flow_fn, None) == "ok"
+    assert seen == [60] and flow_engine._send_heartbeats is send
+
+
+def _raising(error: BaseException):
+    def command(args: object) -> int:
+        raise error
+
+    return command
+
+
+@pytest.mark.parametrize("argv", [["tag", "x"], ["retrain"], ["validate", "x"],
+                                  ["models", "list"], ["demo"]])  # fmt: skip
+def test_every_subcommand_maps_errors_to_the_same_exit_codes(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 done, 1 the run failed, 2 the input could not be used: decided in one place."""
+    from flows import cli
+    from multitag.data.datasets import DatasetError
+    from multitag.errors import InputError, RunFailedError
+
+    cases = [
+        (InputError("no such folder: x"), 2),
+        (RunFailedError("shard 3 kept failing"), 1),
+        (DatasetError("no such archive or folder"), 2),
+        (DatasetError("download cut off", retryable=True), 1),
+        (registry.VersionNotFoundError("no model version v9"), 2),
+        (registry.IntegrityError("sha256 mismatch"), 1),
+    ]
+    for error, code in cases:
+        parser = cli.build_parser()
+        args = parser.parse_args(argv)
+        monkeypatch.setattr(cli, "build_parser", lambda a=args: _Parsed(a))
+        args.func = _raising(error)
+        assert cli.main(argv) == code, (argv, error)
+        err = capsys.readouterr().err
+        assert err.startswith(f"multitag {argv[0]}") and str(error) in err
+        assert "Traceback" not in err
+
+
+class _Parsed:
+    def __init__(self, args: object) -> None:
+        self.args = args
+
+    def parse_args(self, argv: object) -> object:
+        return self.args
+
+
+def test_models_exit_2_for_a_version_that_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    register_tiny_model(home, tmp_path / "work")
+    assert main(["models", "promote", "no-such-version", "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("multitag models promote:") and "no-such-version" in err
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_tag_exits_2_when_the_source_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI's docstring promise: input that cannot be used is 2, not a failed run's 1."""
+    home = tmp_path / "home"
+    register_tiny_model(home, tmp_path / "work")
+    missing = tmp_path / "no-such-folder"
+    out = tmp_path / "out"
+    assert main(["tag", str(missing), "--out", str(out), "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("multitag tag: the flow ended Failed: SourceNotFoundError")
+    assert str(missing) in err and "Traceback" not in err

@@ -81,7 +81,11 @@ def test_a_server_that_cannot_start_is_reported_without_a_traceback(
 ) -> None:
     fake = tmp_path / "fake" / "uvicorn"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
+    # `prefect server start` runs uvicorn in its own process (`uvicorn.run`), Prefect's
+    # private temporary server as `python -m uvicorn`: both fail here as uvicorn would
+    (fake / "__init__.py").write_text(
+        "import sys\ndef run(*args, **kwargs):\n    sys.exit('fake uvicorn: cannot start')\n"
+    )
     (fake / "__main__.py").write_text("import sys\nsys.exit('fake uvicorn: cannot start')\n")
 
     done = _run_tag(tiny, tmp_path, os.pathsep.join([str(fake.parent), str(REPO)]))

@@ -29,14 +29,16 @@ import pytest
 
 from multitag import storage, tagging
 from multitag.config import TagParams
-from multitag.inference import tagger as tg
+from multitag.inference import loading
 from multitag.tagging import (
     ConditionalWritesIgnoredError,
     Tagger,
     TagSummary,
+    claims,
     current_rows,
     plan_run,
     read_current,
+    shards,
     summarize_run,
     tag_shard,
     validate_tags_table,
@@ -101,7 +103,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 @pytest.fixture(scope="module")
 def tagger(tiny: TinyModel) -> Tagger:
-    return tg.load_tagger(
+    return loading.load_tagger(
         TagParams(source="-", home=str(tiny.home), batch_size=8, decode_workers=1)
     )
 
@@ -181,14 +183,14 @@ def test_a_retried_shard_whose_write_landed_counts_as_written(
     write_images(tmp_path / "src", 6)
     plan = plan_run(params_for(tiny, tmp_path / "src", tmp_path / "out", shard_size=10))
     spec = plan.shards[0]
-    real = tagging.write_bytes_atomic
+    real = shards.write_bytes_atomic
 
     def lands_then_fails(uri: str, data: bytes, *, exclusive: bool = False) -> None:
         real(uri, data, exclusive=exclusive)
         raise ConnectionResetError("the answer was lost after the write")
 
     with monkeypatch.context() as m:
-        m.setattr(tagging, "write_bytes_atomic", lands_then_fails)
+        m.setattr(shards, "write_bytes_atomic", lands_then_fails)
         with pytest.raises(ConnectionResetError):
             tag_shard(spec, tagger, run_id=plan.run_id)
     stored = Path(spec.part_uri).read_bytes()
@@ -197,7 +199,7 @@ def test_a_retried_shard_whose_write_landed_counts_as_written(
     assert (retried.status, retried.n_images, retried.n_tagged) == ("written", 6, 6)
     assert retried.scorer == tagger.scorer_note
     with monkeypatch.context() as m:
-        m.setattr(tagging, "_fresh_exists", lambda uri: False)  # the retry raced the check
+        m.setattr(shards, "_fresh_exists", lambda uri: False)  # the retry raced the check
         raced = tag_shard(spec, tagger, run_id=plan.run_id)
         other = tag_shard(spec, tagger, run_id="another-run")
     assert (raced.status, raced.n_tagged) == ("written", 6)
@@ -213,7 +215,7 @@ def test_a_retried_manifest_and_claim_recognise_their_own_write(
 ) -> None:
     write_images(tmp_path / "src", 5)
     params = params_for(tiny, tmp_path / "src", tmp_path / "out")
-    real = tagging.write_bytes_atomic
+    real = claims.write_bytes_atomic
     lost: list[str] = []
 
     def epoch_lands_twice(uri: str, data: bytes, *, exclusive: bool = False) -> None:
@@ -223,7 +225,7 @@ def test_a_retried_manifest_and_claim_recognise_their_own_write(
             real(uri, data, exclusive=exclusive)
 
     with monkeypatch.context() as m:
-        m.setattr(tagging, "write_bytes_atomic", epoch_lands_twice)
+        m.setattr(claims, "write_bytes_atomic", epoch_lands_twice)
         plan = plan_run(params, model_version=tagger.model_version, run_id="run-own")
     assert lost and (plan.epoch, plan.n_new, len(plan.shards)) == (1, 5, 2)
     assert all(s.planned_by == "run-own" for s in plan.shards)
@@ -440,10 +442,10 @@ def test_two_retry_runs_never_retry_one_image_twice(
     retry = params.model_copy(update={"retry_errors": True})
 
     a = plan_run(retry, model_version=tagger.model_version, run_id="A")
-    real = tagging._list_epochs
-    monkeypatch.setattr(tagging, "_list_epochs", lambda plans: [e for e in real(plans) if e < 2])
+    real = claims._list_epochs
+    monkeypatch.setattr(claims, "_list_epochs", lambda plans: [e for e in real(plans) if e < 2])
     b = plan_run(retry, model_version=tagger.model_version, run_id="B")
-    monkeypatch.setattr(tagging, "_list_epochs", real)
+    monkeypatch.setattr(claims, "_list_epochs", real)
     assert (a.epoch, a.n_retried, a.shards[0].attempts) == (2, 1, (2,))
     assert (b.epoch, b.n_retried, b.n_new) == (None, 0, 0)  # B lost epoch 2 and saw A's claim
     assert [s.shard_id for s in b.shards] == [s.shard_id for s in a.shards]  # B may resume it
@@ -549,12 +551,18 @@ def test_the_tag_command_passes_retry_errors_and_single_writer(
 ) -> None:
     """The CLI's flags reach the flow's parameters (the flow itself is tested above)."""
     import flows.cli as cli
+    from multitag.errors import RunFailedError
 
     seen: list[TagParams] = []
     monkeypatch.setattr(cli, "_prepare_runtime", lambda: None)
     monkeypatch.setattr(cli, "_start_server_early", lambda: None)
     monkeypatch.setattr(cli, "_prefetch", lambda params: None)
-    monkeypatch.setattr(cli, "_run_flow", lambda cmd, fn, params, server=None: seen.append(params))
+
+    def run_flow(cmd: str, fn: object, params: TagParams, server: object = None) -> None:
+        seen.append(params)  # a failed run: `_run_flow` raises (exit 1), it returns no result
+        raise RunFailedError("recorded, not run")
+
+    monkeypatch.setattr(cli, "_run_flow", run_flow)
     assert cli.main(["tag", str(tmp_path), "--retry-errors", "--single-writer"]) == 1
     assert cli.main(["tag", str(tmp_path)]) == 1
     assert [(p.retry_errors, p.single_writer) for p in seen] == [(True, True), (False, False)]

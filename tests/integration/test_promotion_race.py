@@ -38,9 +38,10 @@ _PROMOTER = textwrap.dedent(
     import json, os, sys, time
     from pathlib import Path
     from multitag import registry
+    from multitag.registry import champion
 
     home, version, barrier, parties = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
-    real_head = registry._chain_head
+    real_head = champion._chain_head
     first = [True]
 
     def head_then_wait(h):
@@ -55,7 +56,7 @@ _PROMOTER = textwrap.dedent(
                 time.sleep(0.002)
         return head
 
-    registry._chain_head = head_then_wait
+    champion._chain_head = head_then_wait  # promote_if_better looks it up there
     print(json.dumps(registry.promote_if_better(home, version, "mAP").to_dict()))
     """
 )

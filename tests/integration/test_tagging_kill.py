@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -231,7 +232,25 @@ def test_sigterm_stops_a_run_within_seconds_keeping_its_finished_shards(
 def test_two_processes_at_once_tag_each_image_exactly_once(
     tiny: TinyModel, source: Path, tmp_path: Path, prefect_api: str
 ) -> None:
-    out = tmp_path / "out"
+    """Exactly once holds on every try; a race must be seen on at least one of three.
+
+    Why tries: the two processes start together, but on 2 loaded cores one may boot so late
+    that the other has finished (then they ran one after the other, which proves nothing
+    about a race). Each try is checked in full; the evidence of overlap is required once.
+    """
+    races = []
+    for attempt in range(3):
+        runs = _run_two_at_once(tiny, source, tmp_path / f"out-{attempt}", prefect_api)
+        races.append(_race_evidence(runs))
+        if races[-1] is None:
+            break
+    assert None in races, f"the runs never overlapped in {len(races)} tries: {races}"
+
+
+def _run_two_at_once(
+    tiny: TinyModel, source: Path, out: Path, prefect_api: str
+) -> list[dict[str, Any]]:
+    """Two `multitag tag` processes on one source; exactly once checked; their manifests."""
     # Small shards: 80 shard tasks each, so the runs overlap for many seconds.
     cmd = tag_command(tiny, source, out, shard_size=5)
     procs = [start_run(cmd, prefect_api) for _ in range(2)]
@@ -245,18 +264,30 @@ def test_two_processes_at_once_tag_each_image_exactly_once(
     assert sum(m["tagged"] for m in runs) == N_IMAGES
     assert sum(m["shards_written"] for m in runs) == len(list(partition.glob("*.parquet")))
     assert temp_files(out) == []
-
-    # Evidence that the runs raced, not ran one after the other: one run created the claim
-    # log's only epoch (the other, listing the same images, lost it or found it claimed),
-    # and the other took over that run's unfinished shards while it was still tagging them
-    # (a later run would have found them finished); each wrote some shards, and at least
-    # one met a shard the other had just finished ("exists") or written first ("lost_race").
     (owner,) = epoch_owners(out / source.name / "_plans" / f"model={tiny.version}")
-    by_id = {m["run_id"]: m for m in runs}
-    claimer = by_id.pop(owner)
-    (taker,) = by_id.values()
-    assert claimer["resumed"] == 0 and taker["resumed"] > 0, (claimer, taker)
-    assert claimer["tagged"] > 0 and taker["tagged"] > 0
-    statuses = [s["status"] for m in runs for s in m["shards"]]
-    assert {"exists", "lost_race"} & set(statuses), statuses
+    for m in runs:
+        m["created_epoch"] = m["run_id"] == owner
     print(json.dumps({m["run_id"]: [m["tagged"], m["shards_written"]] for m in runs}))
+    return runs
+
+
+def _race_evidence(runs: list[dict[str, Any]]) -> str | None:
+    """None when the runs raced, else what shows they did not.
+
+    Evidence: one run created the claim log's only epoch (the other, listing the same
+    images, lost it or found it claimed), and the other took over that run's unfinished
+    shards while it was still tagging them (a later run would have found them finished);
+    each wrote some shards, and at least one met a shard the other had just finished
+    ("exists") or written first ("lost_race").
+    """
+    (claimer,) = [m for m in runs if m["created_epoch"]]
+    (taker,) = [m for m in runs if not m["created_epoch"]]
+    statuses = {s["status"] for m in runs for s in m["shards"]}
+    checks = {
+        "claimer resumed nothing": claimer["resumed"] == 0,
+        "taker resumed the claimer's shards": taker["resumed"] > 0,
+        "both tagged": claimer["tagged"] > 0 and taker["tagged"] > 0,
+        "a shard met the other run": bool({"exists", "lost_race"} & statuses),
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    return None if not failed else f"not: {', '.join(failed)}"

@@ -22,7 +22,7 @@ from multitag import tagging
 from multitag.config import TagParams
 from multitag.inference.sources import TransientReadError
 from multitag.storage import write_bytes_atomic
-from multitag.tagging import list_images, plan_run, tag_shard, validate_tags_table
+from multitag.tagging import claims, list_images, plan_run, shards, tag_shard, validate_tags_table
 from tests.s3_faults import FaultProxy, Request, expired_token, reset, s3_error
 from tests.tag_runs import run_tag_flow, summary_from_dict
 from tests.tagging_helpers import (
@@ -179,7 +179,7 @@ def test_racing_runs_on_s3_claim_and_write_each_image_once(
     p = params(tiny, f"s3://{bucket}/photos", f"s3://{bucket}/tags")
     a = plan_run(p, run_id="A")
     with monkeypatch.context() as m:
-        m.setattr(tagging, "_list_epochs", lambda plans: [])  # B planned before A's claim landed
+        m.setattr(claims, "_list_epochs", lambda plans: [])  # B planned before A's claim landed
         b = plan_run(p, run_id="B")
     assert (a.epoch, b.epoch, b.n_new) == (1, None, 0)
     assert sorted(s.shard_id for s in b.shards) == sorted(s.shard_id for s in a.shards)
@@ -187,7 +187,7 @@ def test_racing_runs_on_s3_claim_and_write_each_image_once(
     tagger = tagging.tagger_for(p, a.model_version)
     first = tag_shard(a.shards[0], tagger)
     with monkeypatch.context() as m:
-        m.setattr(tagging, "_fresh_exists", lambda uri: False)  # raced past the existence check
+        m.setattr(shards, "_fresh_exists", lambda uri: False)  # raced past the existence check
         late = tag_shard(b.shards[-1], tagger)  # B does A's first shard too (reverse order)
     assert (first.status, late.status) == ("written", "lost_race")
     rest = [tag_shard(s, tagger) for s in b.shards]

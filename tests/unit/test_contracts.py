@@ -496,6 +496,17 @@ def test_contract_with_unimplemented_rule_is_refused(tmp_path: Path) -> None:
         validate_dataset(ds, contract)
 
 
+def test_every_known_text_rule_has_a_check_and_every_check_is_known() -> None:
+    # compile_contract admits the names in contract_spec.TEXT_RULES without importing the
+    # checks; a name there without a check would pass compilation and crash validation.
+    from multitag.data import contract_spec, contract_table
+
+    assert set(contract_table.TEXT_RULE_CHECKS) == contract_spec.TEXT_RULES
+    doc = load_contract(DEFAULT_CONTRACT)
+    used = {q["name"] for q in doc["schema"][0]["quality"] if q.get("type") == "text"}
+    assert used <= contract_spec.TEXT_RULES
+
+
 def test_not_an_odcs_document_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("kind: Something\napiVersion: v2\n")

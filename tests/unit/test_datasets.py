@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from multitag.config import PASCAL_2007_URL
-from multitag.data import datasets
+from multitag.data import archives, datasets, extraction
 from multitag.data.datasets import (
     MANIFEST_NAME,
     DatasetError,
@@ -67,7 +67,7 @@ def tiny_archive(tmp_path: Path) -> Path:
 
 
 class UntarSpy:
-    """Counts calls of the extraction step (`datasets._extract`) and can forbid them."""
+    """Counts calls of the extraction step (`extraction.extract_archive`) and can forbid them."""
 
     def __init__(self, real: Callable[..., Path]) -> None:
         self.real, self.calls, self.forbidden = real, 0, False
@@ -80,8 +80,8 @@ class UntarSpy:
 
 @pytest.fixture
 def untar_spy(monkeypatch: pytest.MonkeyPatch) -> UntarSpy:
-    spy = UntarSpy(datasets._extract)
-    monkeypatch.setattr(datasets, "_extract", spy)
+    spy = UntarSpy(extraction.extract_archive)
+    monkeypatch.setattr(extraction, "extract_archive", spy)
     return spy
 
 
@@ -673,7 +673,7 @@ def test_the_sha256_is_checked_before_the_archive_is_parsed(
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("a mismatched archive was parsed")
 
-    monkeypatch.setattr(datasets, "check_archive", never)
+    monkeypatch.setattr(archives, "check_archive", never)
     with pytest.raises(DatasetError, match=r"has sha256 [0-9a-f]{64}, expected 0{64}"):
         acquire(str(archive), str(home), sha256="0" * 64)
     assert dataset_dirs(home) == [] and leftovers(home) == []
@@ -726,13 +726,13 @@ def test_extraction_runs_in_a_temp_folder_named_after_its_process(
     tiny_archive: Path, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[Path] = []
-    real = datasets._extract
+    real = extraction.extract_archive
 
     def spy(url: str, archive: Path, staging: Path) -> Path:
         seen.append(staging)
         return real(url, archive, staging)
 
-    monkeypatch.setattr(datasets, "_extract", spy)
+    monkeypatch.setattr(extraction, "extract_archive", spy)
     acquire(str(tiny_archive), str(home))
     [staging] = seen
     assert staging.name.startswith(f".tmp-{os.getpid()}-{socket.gethostname()}-")

@@ -1,4 +1,4 @@
-"""The early temporary Prefect server: same command as Prefect's, clear errors, no heartbeats.
+"""The early temporary Prefect server: Prefect's public command, clear errors, no heartbeats.
 
 No real server boots here (that is tests/integration/test_cli_ephemeral.py); the server
 process is replaced by tiny Python commands that exit or hang.
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import prefect.main  # noqa: F401  (see below)
 import pytest
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings, temporary_settings
@@ -29,24 +30,49 @@ def no_temporary_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
+# `import prefect.main` above: Prefect binds its console log handler to the sys.stderr of the
+# moment it is first imported. Imported first inside a test that captures stderr (`main(...)`
+# under capsys below), the handler would write to a stream closed after that test, and every
+# later flow in the session would fail on its first log line.
+
+
 def _fake_server(monkeypatch: pytest.MonkeyPatch, code: str, timeout_s: float = 20) -> EarlyServer:
-    monkeypatch.setattr(ephemeral, "uvicorn_command", lambda port: [sys.executable, "-c", code])
+    monkeypatch.setattr(ephemeral, "server_command", lambda port: [sys.executable, "-c", code])
     return EarlyServer(env={}, startup_timeout_s=timeout_s)
 
 
-def test_command_and_environment_are_prefects_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fails when a Prefect upgrade changes how it starts its temporary server."""
-    seen: dict[str, Any] = {}
+_SERVICES = """
+import json
+from prefect.server.services.base import Service
+from prefect.server.services.perpetual_services import get_enabled_perpetual_services
+def perpetual(ephemeral):
+    return sorted(c.function.__name__ for c in get_enabled_perpetual_services(ephemeral=ephemeral))
+loops = sorted(s.__name__ for s in Service.enabled_services())
+print(json.dumps([perpetual(False), perpetual(True), loops]))
+"""
 
-    def record(args: list[str], env: dict[str, str]) -> None:
-        seen.update(args=args, env=env)
 
-    monkeypatch.setattr(subprocess, "Popen", record)
-    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
-    SubprocessASGIServer(port=8123)._run_uvicorn_command()
-    assert seen["args"] == ephemeral.uvicorn_command(8123)
-    settings_env = get_current_settings().to_environment_variables(exclude_unset=True)
-    assert seen["env"] == {**ephemeral.child_environment(), **settings_env}
+def test_the_public_server_runs_exactly_the_services_of_prefects_temporary_one(
+    tmp_path: Any,
+) -> None:
+    """Fails when a Prefect upgrade adds a service its temporary server does not run:
+    `prefect server start` with `child_environment` must run what Prefect's own temporary
+    server runs, and no scheduler, late-run marker or other long-lived server's service."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path)
+    ours = {**env, **ephemeral.SERVER_ENV}
+    out = subprocess.run([sys.executable, "-c", _SERVICES], env=ours, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    full_server, temporary_server, loop_services = json.loads(out.stdout.splitlines()[-1])
+    assert full_server == temporary_server and "schedule_deployments" not in full_server
+    assert {"EventPersister", "TaskRunRecorder"} <= set(loop_services)
+    cmd = ephemeral.server_command(8123)
+    assert cmd[:5] == [sys.executable, "-m", "prefect", "server", "start"]
+    assert cmd[cmd.index("--port") + 1] == "8123" and "--no-ui" in cmd
     assert SubprocessASGIServer._port_range == ephemeral.PORTS
 
 
@@ -85,7 +111,7 @@ def test_the_server_resolves_the_settings_prefect_would_have_passed_it(tmp_path:
 def test_the_early_server_is_spawned_before_prefect_is_imported() -> None:
     code = (
         "import sys; from flows import ephemeral; "
-        "ephemeral.uvicorn_command = lambda port: [sys.executable, '-c', 'pass']; "
+        "ephemeral.server_command = lambda port: [sys.executable, '-c', 'pass']; "
         "s = ephemeral.start_early(); s.process.wait(); "
         "print(s is not None, 'prefect' in sys.modules)"
     )
@@ -145,7 +171,7 @@ def test_an_adopted_server_is_this_process_api_and_stops_at_exit(
                         prefect.context.GLOBAL_SETTINGS_CONTEXT)  # fmt: skip
     monkeypatch.setenv("PREFECT_API_URL", "")  # recorded, so teardown removes adopt()'s value
     monkeypatch.delenv("PREFECT_API_URL")
-    monkeypatch.setattr(ephemeral, "uvicorn_command",
+    monkeypatch.setattr(ephemeral, "server_command",
                         lambda port: [sys.executable, "-c", _HEALTHY, str(port)])  # fmt: skip
     early = EarlyServer(env=dict(__import__("os").environ), startup_timeout_s=30)
     try:
@@ -244,7 +270,7 @@ def test_run_flow_does_not_start_the_flow_when_the_server_failed(
 _PARENT = """
 import sys, time
 from flows import ephemeral
-ephemeral.uvicorn_command = lambda port: [sys.executable, "-c", "import time; time.sleep(300)"]
+ephemeral.server_command = lambda port: [sys.executable, "-c", "import time; time.sleep(300)"]
 server = ephemeral.EarlyServer(env={}, startup_timeout_s=60)
 print(server.process.pid, flush=True)
 time.sleep(300)

@@ -28,6 +28,7 @@ from multitag.registry import (
     NoChampionError,
     RegistryError,
     VersionExistsError,
+    champion,
 )
 from multitag.storage import join, read_bytes, write_bytes_atomic
 from multitag.training.thresholds import ThresholdSet
@@ -554,7 +555,7 @@ def test_promotion_chain_and_decision_log_agree_with_the_pointer(home: str, tmp_
 
 def _intrude_once(monkeypatch: pytest.MonkeyPatch, intrude: Any) -> None:
     """Run `intrude` right after the next promotion has read the chain: a real lost swap."""
-    real = registry._chain_head
+    real = champion._chain_head
     pending = [intrude]
 
     def head_then_intrude(home: str | None) -> Any:
@@ -563,7 +564,7 @@ def _intrude_once(monkeypatch: pytest.MonkeyPatch, intrude: Any) -> None:
             pending.pop()()
         return head
 
-    monkeypatch.setattr(registry, "_chain_head", head_then_intrude)
+    monkeypatch.setattr(champion, "_chain_head", head_then_intrude)
 
 
 def test_a_lost_swap_is_judged_again_against_the_winner(
@@ -606,7 +607,7 @@ def test_a_pointer_left_behind_by_a_killed_promoter_is_stepped_past(
     c = register(home, tmp_path, 0.6, version="c")
     registry.promote_if_better(home, a, "mAP")
     with monkeypatch.context() as m:  # killed after its swap, before champion.json moved
-        m.setattr(registry, "_point_champion", lambda *args: None)
+        m.setattr(champion, "_point_champion", lambda *args: None)
         assert registry.promote_if_better(home, b, "mAP").promoted
     assert raw_champion(home)["version"] == a  # stale pointer...
     assert registry.get_champion(home)["version"] == b  # ...that readers step past

@@ -28,8 +28,7 @@ from PIL import Image
 from s3fs.errors import translate_boto_error
 
 from multitag.config import TagParams
-from multitag.inference import sources
-from multitag.inference import tagger as tg
+from multitag.inference import loading, sources
 from multitag.inference.sources import (
     NotRegularFileError,
     TooLargeError,
@@ -342,7 +341,7 @@ def test_a_folder_of_odd_objects_plans_and_tags_with_one_row_each(
         source=str(odd_folder), home=str(tiny.home), out=str(tmp_path / "out"),
         shard_size=5, batch_size=4, decode_workers=1, max_bytes=max_bytes,
     )  # fmt: skip
-    tagger = tg.load_tagger(params)
+    tagger = loading.load_tagger(params)
     assert tagger.max_bytes == max_bytes
 
     plan = plan_run(params)

@@ -19,16 +19,20 @@ import yaml
 
 from multitag import registry, tagging
 from multitag.config import TagParams
+from multitag.inference import loading
 from multitag.inference import tagger as tg
+from multitag.inference.spec import InferenceSpec
 from multitag.storage import remove_stale_temp_files
 from multitag.tagging import (
     DriftRule,
     ModelBaseline,
     ShardSpec,
     Tagger,
+    claims,
     compute_drift,
     list_images,
     plan_run,
+    shards,
     tag_shard,
     validate_tags_table,
 )
@@ -54,7 +58,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 @pytest.fixture(scope="module")
 def tagger(tiny: TinyModel) -> Tagger:
-    return tg.load_tagger(
+    return loading.load_tagger(
         TagParams(source="-", home=str(tiny.home), batch_size=8, decode_workers=1)
     )
 
@@ -114,8 +118,8 @@ def test_inference_spec_from_learner_matches_the_registered_spec(tiny: TinyModel
     from multitag.registry import load_model
 
     loaded = load_model(str(tiny.home))
-    from_json = tg.InferenceSpec.from_dict(loaded.inference)
-    from_learner = tg.InferenceSpec.from_learner(loaded.learner)
+    from_json = InferenceSpec.from_dict(loaded.inference)
+    from_learner = InferenceSpec.from_learner(loaded.learner)
     assert from_learner.img_size == from_json.img_size
     assert from_learner.resize_method == from_json.resize_method == "squish"
     assert from_learner.vocab == from_json.vocab
@@ -125,7 +129,7 @@ def test_inference_spec_from_learner_matches_the_registered_spec(tiny: TinyModel
 
 def test_inference_spec_requires_the_resize_method() -> None:
     with pytest.raises(tagging.TaggingError, match="resize_method"):
-        tg.InferenceSpec.from_dict(
+        InferenceSpec.from_dict(
             {"img_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1], "vocab": ["a"]}
         )
 
@@ -133,12 +137,12 @@ def test_inference_spec_requires_the_resize_method() -> None:
 def test_scores_match_fastai_predictions(tiny: TinyModel, tagger: Tagger, tmp_path: Path) -> None:
     """Same model, same preprocessing: our batched scorer agrees with fastai's own pipeline."""
     from multitag.registry import load_model
-    from multitag.training import learner as training
+    from multitag.training import learner
 
     files = write_images(tmp_path / "imgs", 12, seed=3)
     rows = [r for batch in tagger.tag([str(f) for f in files]) for r in batch.rows]
     ours = np.array([[r.scores[lab] for lab in tagger.vocab] for r in rows])  # type: ignore[index]
-    theirs = training.predict_files(load_model(str(tiny.home)).learner, files)
+    theirs = learner.predict_files(load_model(str(tiny.home)).learner, files)
     assert np.allclose(ours, theirs, atol=1e-5), np.abs(ours - theirs).max()
 
 
@@ -146,7 +150,9 @@ def test_rows_come_back_in_order_with_several_decode_threads(
     tiny: TinyModel, tmp_path: Path
 ) -> None:
     files = [str(f) for f in write_images(tmp_path, 23)]
-    t = tg.load_tagger(TagParams(source="-", home=str(tiny.home), batch_size=3, decode_workers=3))
+    t = loading.load_tagger(
+        TagParams(source="-", home=str(tiny.home), batch_size=3, decode_workers=3)
+    )
     batches = list(t.tag(files))
     assert [len(b.rows) for b in batches] == [3] * 7 + [2]
     assert [r.image_uri for b in batches for r in b.rows] == files
@@ -370,9 +376,9 @@ def test_racing_planners_never_claim_an_image_twice(
     write_images(src, 20)
     a = plan_run(params_for(tiny, src, out), run_id="A")
     write_images(src / "new", 5, seed=2)
-    real = tagging._list_epochs
-    monkeypatch.setattr(tagging, "_list_epochs", lambda plans: [])  # B's stale view
-    monkeypatch.setattr(tagging._ClaimLog, "absorb", _counting_absorb(real))
+    real = claims._list_epochs
+    monkeypatch.setattr(claims, "_list_epochs", lambda plans: [])  # B's stale view
+    monkeypatch.setattr(claims.ClaimLog, "absorb", _counting_absorb(real))
     b = plan_run(params_for(tiny, src, out), run_id="B")
 
     assert a.epoch == 1 and b.epoch == 2
@@ -385,7 +391,7 @@ def test_racing_planners_never_claim_an_image_twice(
 
 
 def _counting_absorb(real_list_epochs):  # type: ignore[no-untyped-def]
-    original = tagging._ClaimLog.absorb
+    original = claims.ClaimLog.absorb
 
     def absorb(self, plans, epoch):  # type: ignore[no-untyped-def]
         assert epoch in real_list_epochs(plans)
@@ -403,7 +409,7 @@ def test_a_shard_finished_by_another_run_is_not_written_twice(
     first = tag_shard(spec, tagger)
     before = Path(spec.part_uri).read_bytes()
     assert tag_shard(spec, tagger).status == "exists"
-    monkeypatch.setattr(tagging, "_fresh_exists", lambda uri: False)  # raced past the check
+    monkeypatch.setattr(shards, "_fresh_exists", lambda uri: False)  # raced past the check
     late = tag_shard(spec, tagger)
     assert (first.status, late.status) == ("written", "lost_race")
     assert Path(spec.part_uri).read_bytes() == before
@@ -687,14 +693,14 @@ def test_prefetch_loads_the_runs_tagger_once_and_defers_failures(
     tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str | None] = []
-    real = tg.load_tagger
+    real = loading.load_tagger
 
     def counting(params: TagParams, version: str | None = None) -> Tagger:
         calls.append(version)
         return real(params, version)
 
-    monkeypatch.setattr(tg, "load_tagger", counting)
-    tg._cached_tagger.cache_clear()
+    monkeypatch.setattr(loading, "load_tagger", counting)
+    loading._cached_tagger.cache_clear()
     params = params_for(tiny, tmp_path / "src", tmp_path / "out", precision="fp32")
     assert tagging.prefetch_tagger(params) == tiny.version
     first = tagging.tagger_for(params, tiny.version)  # what the shard task calls: cached
@@ -705,7 +711,7 @@ def test_prefetch_loads_the_runs_tagger_once_and_defers_failures(
     with pytest.raises(registry.NoChampionError):
         tagging.resolve_model_version(empty)
     assert calls == [tiny.version]
-    tg._cached_tagger.cache_clear()
+    loading._cached_tagger.cache_clear()
 
 
 # Scores of one image computed in different batches agree to float32 rounding, not bit for
@@ -751,7 +757,7 @@ def test_a_head_start_tags_the_first_shard_early_and_that_shard_writes_its_rows(
     src, out, plain_out = tmp_path / "src", tmp_path / "out", tmp_path / "plain"
     write_images(src, 25)
     (src / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # an error row, from either path
-    tg._cached_tagger.cache_clear()
+    loading._cached_tagger.cache_clear()
     params = params_for(tiny, src, out, precision="fp32")
     assert tagging.prefetch_tagger(params, head_start=True) == tiny.version
     tagger = tagging.tagger_for(params, tiny.version)
@@ -782,7 +788,7 @@ def test_a_head_start_tags_the_first_shard_early_and_that_shard_writes_its_rows(
     assert plain.shards_written == 3 and sum(s.n_head_start for s in plain.shards) == 0
     thresholds = dict(zip(tagger.vocab, tagger.thresholds.as_array().tolist(), strict=True))
     assert_same_tags(read_tags(summary.output_uri), read_tags(plain.output_uri), thresholds)
-    tg._cached_tagger.cache_clear()
+    loading._cached_tagger.cache_clear()
 
 
 def test_a_head_start_skips_claimed_images_and_hands_each_row_to_its_shard_once(

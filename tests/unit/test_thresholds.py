@@ -11,13 +11,12 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
 
 from multitag.config import ThresholdParams
+from multitag.training.score_groups import bin_groups, group_scores
 from multitag.training.thresholds import (
     CURVE_POINTS,
     SHRINK_WEIGHTS,
     ThresholdError,
     ThresholdSet,
-    _bin,
-    _groups,
     apply_thresholds,
     average_precision,
     evaluate,
@@ -402,8 +401,8 @@ def test_resampling_bins_never_split_ties_and_keep_counts() -> None:
     rng = np.random.default_rng(0)
     scores = np.round(rng.random(5000), 3)
     y = rng.random(5000) < 0.3
-    g = _groups(scores, y)
-    b = _bin(g, 64)
+    g = group_scores(scores, y)
+    b = bin_groups(g, 64)
     assert b.hi.size <= 64
     assert b.pos.sum() == y.sum() and b.neg.sum() == (~y).sum()
     assert np.all(b.hi >= b.lo)

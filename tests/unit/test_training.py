@@ -15,7 +15,7 @@ import pytest
 
 from multitag.config import TrainParams, shapes_train_params
 from multitag.data.shapes import SHAPE_CLASSES, make_shapes_dataset
-from multitag.training import learner as training
+from multitag.training import learner
 
 SEED = 11
 
@@ -30,7 +30,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(tiny_dataset: Path) -> tuple[object, list[dict]]:
     seen: list[dict] = []
     params = shapes_train_params(img_size=32, epochs=2, batch_size=32, lr=1e-2, device="cpu")
-    result = training.train(tiny_dataset, params, on_epoch=seen.append)
+    result = learner.train(tiny_dataset, params, on_epoch=seen.append)
     return result, seen
 
 
@@ -56,25 +56,25 @@ def test_table_parsing_keeps_empty_labels_and_real_booleans(tmp_path: Path) -> N
         "d.jpg,cat,0,w\r\n"
         "e.jpg,NA,1,v\r\n\r\n"
     )
-    table = training.read_training_table(_write_csv(tmp_path, text))
+    table = learner.read_training_table(_write_csv(tmp_path, text))
     assert list(table.columns) == ["fname", "labels", "is_valid"]
     assert table["labels"].tolist() == ["cat dog", "", "dog", "cat", "NA"]
     assert table["is_valid"].dtype == bool
     assert table["is_valid"].tolist() == [False, True, True, False, True]
-    assert training.label_vocab(table) == ["NA", "cat", "dog"]
+    assert learner.label_vocab(table) == ["NA", "cat", "dog"]
 
 
 def test_bad_is_valid_names_the_line(tmp_path: Path) -> None:
     text = "fname,labels,is_valid\na.jpg,cat,False\nb.jpg,dog,maybe\n"
-    with pytest.raises(training.TrainingError, match=r"row 3 .*'maybe'"):
-        training.read_training_table(_write_csv(tmp_path, text))
+    with pytest.raises(learner.TrainingError, match=r"row 3 .*'maybe'"):
+        learner.read_training_table(_write_csv(tmp_path, text))
 
 
 def test_missing_column_and_missing_split_are_errors(tmp_path: Path) -> None:
-    with pytest.raises(training.TrainingError, match="missing column"):
-        training.read_training_table(_write_csv(tmp_path, "fname,labels\na.jpg,cat\n"))
-    with pytest.raises(training.TrainingError, match="one validation row"):
-        training.read_training_table(
+    with pytest.raises(learner.TrainingError, match="missing column"):
+        learner.read_training_table(_write_csv(tmp_path, "fname,labels\na.jpg,cat\n"))
+    with pytest.raises(learner.TrainingError, match="one validation row"):
+        learner.read_training_table(
             _write_csv(tmp_path, "fname,labels,is_valid\na.jpg,cat,False\n")
         )
 
@@ -87,22 +87,22 @@ def test_cap_validation_only_drops_validation_rows() -> None:
             "is_valid": [i % 2 == 0 for i in range(10)],
         }
     )
-    capped = training.cap_validation(table, 2, seed=0)
+    capped = learner.cap_validation(table, 2, seed=0)
     assert int(capped["is_valid"].sum()) == 2
     assert int((~capped["is_valid"]).sum()) == 5
-    assert training.cap_validation(table, None, seed=0).equals(table)
+    assert learner.cap_validation(table, None, seed=0).equals(table)
 
 
 def test_resolve_arch() -> None:
     from multitag.training.models import shapes_cnn
 
-    assert training.resolve_arch("shapes_cnn") is shapes_cnn
+    assert learner.resolve_arch("shapes_cnn") is shapes_cnn
     import torchvision
 
-    assert training.resolve_arch("resnet18") is torchvision.models.resnet18
-    assert training.resolve_arch("mobilenetv3_small_050") == "mobilenetv3_small_050"  # timm
-    with pytest.raises(training.TrainingError, match="Unknown arch 'not_a_net'"):
-        training.resolve_arch("not_a_net")
+    assert learner.resolve_arch("resnet18") is torchvision.models.resnet18
+    assert learner.resolve_arch("mobilenetv3_small_050") == "mobilenetv3_small_050"  # timm
+    with pytest.raises(learner.TrainingError, match="Unknown arch 'not_a_net'"):
+        learner.resolve_arch("not_a_net")
 
 
 def test_shapes_params_and_overrides() -> None:
@@ -156,8 +156,8 @@ def test_loss_falls_and_every_epoch_is_reported(trained) -> None:
 @pytest.mark.slow
 def test_validation_targets_match_csv_including_empty_rows(trained, tiny_dataset: Path) -> None:
     result, _ = trained
-    probs, targets = training.predict_validation(result.learner)
-    table = training.read_training_table(tiny_dataset)
+    probs, targets = learner.predict_validation(result.learner)
+    table = learner.read_training_table(tiny_dataset)
     valid = table[table["is_valid"]]
     assert probs.shape == targets.shape == (len(valid), len(result.vocab))
     assert probs.dtype == np.float32 and targets.dtype == bool
@@ -181,7 +181,7 @@ def test_empty_label_encodes_to_all_zero_target(trained) -> None:
 @pytest.mark.slow
 def test_inference_spec(trained) -> None:
     result, _ = trained
-    spec = training.inference_spec(result.learner)
+    spec = learner.inference_spec(result.learner)
     assert spec["img_size"] == 32
     assert spec["arch"] == "shapes_cnn"
     assert spec["vocab"] == result.vocab
@@ -196,17 +196,17 @@ def test_export_sets_thresholds_and_rejects_bad_ones(trained, tmp_path: Path) ->
     import torch
 
     learn = trained[0].learner
-    training.export_learner(learn, tmp_path / "a.pkl", 0.4)
+    learner.export_learner(learn, tmp_path / "a.pkl", 0.4)
     assert learn.loss_func.thresh == pytest.approx(0.4)
     per_label = np.linspace(0.2, 0.7, len(learn.dls.vocab), dtype=np.float32)
-    out = training.export_learner(learn, tmp_path / "sub" / "b.pkl", per_label)
+    out = learner.export_learner(learn, tmp_path / "sub" / "b.pkl", per_label)
     assert out == tmp_path / "sub" / "b.pkl" and out.stat().st_size > 0
     assert torch.allclose(learn.loss_func.thresh, torch.from_numpy(per_label))
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["b.pkl"]  # no temp left
     with pytest.raises(ValueError, match="one value per label"):
-        training.export_learner(learn, tmp_path / "c.pkl", np.array([0.5, 0.5]))
+        learner.export_learner(learn, tmp_path / "c.pkl", np.array([0.5, 0.5]))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        training.export_learner(learn, tmp_path / "c.pkl", 1.5)
+        learner.export_learner(learn, tmp_path / "c.pkl", 1.5)
     assert not (tmp_path / "c.pkl").exists()
 
 
@@ -216,10 +216,10 @@ def test_exported_learner_predicts_the_same_in_a_fresh_process(
 ) -> None:
     learn = trained[0].learner
     files = sorted((tiny_dataset / "test").iterdir())
-    before = training.predict_files(learn, files)
+    before = learner.predict_files(learn, files)
     thresholds = np.full(len(learn.dls.vocab), 0.5, dtype=np.float32)
     thresholds[0] = 0.05  # makes the decoded labels depend on the per-label value
-    model = training.export_learner(learn, tmp_path / "model.pkl", thresholds)
+    model = learner.export_learner(learn, tmp_path / "model.pkl", thresholds)
     script = textwrap.dedent(
         f"""
         import json, sys
@@ -241,17 +241,17 @@ def test_exported_learner_predicts_the_same_in_a_fresh_process(
     after = np.load(tmp_path / "after.npy")
     np.testing.assert_allclose(after, before, atol=1e-5)
     out = json.loads(proc.stdout)
-    assert out["spec"] == training.inference_spec(learn)
+    assert out["spec"] == learner.inference_spec(learn)
     # fastai's own predict applies the exported per-label thresholds.
     assert out["decoded"] == (before[:2] > thresholds).tolist()
 
 
 @pytest.mark.slow
 def test_loaded_learner_has_no_validation_split(trained, tmp_path: Path) -> None:
-    model = training.export_learner(trained[0].learner, tmp_path / "m.pkl", 0.5)
-    loaded = training.load_learner_file(model)
-    with pytest.raises(training.TrainingError, match="no validation items"):
-        training.predict_validation(loaded)
+    model = learner.export_learner(trained[0].learner, tmp_path / "m.pkl", 0.5)
+    loaded = learner.load_learner_file(model)
+    with pytest.raises(learner.TrainingError, match="no validation items"):
+        learner.predict_validation(loaded)
 
 
 def test_pretrained_offline_names_the_weights_file(
@@ -265,8 +265,8 @@ def test_pretrained_offline_names_the_weights_file(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     params = TrainParams(arch="resnet18", pretrained=True, img_size=32, epochs=1, device="cpu")
-    with pytest.raises(training.PretrainedWeightsUnavailable) as info:
-        training.train(tiny_dataset, params)
+    with pytest.raises(learner.PretrainedWeightsUnavailable) as info:
+        learner.train(tiny_dataset, params)
     message = str(info.value)
     assert "$TORCH_HOME/hub/checkpoints/" in message
     assert "resnet18-f37072fd.pth" in message
@@ -300,17 +300,17 @@ def test_weights_placed_where_the_error_says_are_used_by_fine_tune(
         arch="resnet18", pretrained=True, img_size=32, batch_size=32, epochs=1,
         freeze_epochs=1, augment="none", device="cpu",
     )  # fmt: skip
-    result = training.train(tiny_dataset, params)
+    result = learner.train(tiny_dataset, params)
     assert [row["epoch"] for row in result.history] == [1, 2]  # 1 frozen + 1 unfrozen
-    assert training.inference_spec(result.learner)["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert learner.inference_spec(result.learner)["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
 
 def test_shapes_cnn_with_pretrained_is_refused(tiny_dataset: Path) -> None:
     params = shapes_train_params(pretrained=True, img_size=32, epochs=1)
-    with pytest.raises(training.TrainingError, match="pretrained=False"):
-        training.train(tiny_dataset, params)
+    with pytest.raises(learner.TrainingError, match="pretrained=False"):
+        learner.train(tiny_dataset, params)
 
 
 def test_missing_train_folder(tmp_path: Path) -> None:
-    with pytest.raises(training.TrainingError, match="train/"):
-        training.train(tmp_path, shapes_train_params())
+    with pytest.raises(learner.TrainingError, match="train/"):
+        learner.train(tmp_path, shapes_train_params())

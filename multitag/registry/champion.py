@@ -1,0 +1,327 @@
+"""The champion: the promotion chain, its compare-and-swap gate, and the decisions log.
+
+Concurrency: registering is safe against a concurrent register of the same version id (every
+file is an exclusive create). Promotion is a compare-and-swap on the chain: a promoter reads
+the newest generation n, judges its candidate against that champion, and claims generation
+n+1 with an exclusive create (`O_EXCL`-style link locally, `If-None-Match: *` on S3). Of two
+promoters that read the same n, exactly one creates n+1; the other re-reads the chain and
+judges again against the new champion, so the better model ends up champion and a decision
+is recorded as promoted only when its swap won. Why a chain of exclusive creates and not an
+ETag `If-Match` on champion.json: exclusive create is the one conditional write that both the
+local disk and every S3 store this project supports already honour (and that the run-start
+probe checks), whereas If-Match has no local-disk equivalent and S3-compatible stores vary;
+one code path for both keeps the two from drifting, and the chain doubles as an audit trail.
+champion.json is written after the chain step and re-pointed by whoever notices it is behind,
+so readers that see a stale pointer (a promoter killed in between) are corrected by the
+chain: `get_champion` follows generations past the pointer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from multitag.registry.errors import IntegrityError, RegistryError, VersionNotFoundError
+from multitag.registry.integrity import read_sums, read_verified, verify_files
+from multitag.registry.layout import (
+    CHAIN_DIR,
+    CHAMPION_FILE,
+    DECISIONS_DIR,
+    METRICS_FILE,
+    MODEL_FILE,
+    check_version_id,
+    iso_time,
+    json_bytes,
+    loads_json,
+    models_uri,
+    utc_now,
+    version_uri,
+)
+from multitag.storage import fs_and_path, join, read_bytes, unstrip, write_json_atomic
+
+_GEN_RE = re.compile(r"^gen-(\d{9,})\.json$")
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """The outcome of the gate, with both numbers, as recorded in models/_decisions/."""
+
+    promoted: bool
+    reason: str
+    version: str
+    metric: str
+    candidate_value: float | None
+    champion_value: float | None
+    champion_version: str | None
+    forced: bool
+    decided_at: str
+    # The chain generation this promotion created (None when not promoted), and how many
+    # times its compare-and-swap lost to a concurrent promotion before this decision.
+    generation: int | None = None
+    lost_swaps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def get_champion(home: str | None) -> dict[str, Any] | None:
+    """The current champion's record, or None before the first promotion.
+
+    champion.json is read first; a promotion chain that has moved past it (its writer was
+    killed, or is about to re-point it) is followed to the newest generation. A champion.json
+    that disagrees with the chain record of its own generation was altered: IntegrityError.
+    """
+    return _chain_head(home).record
+
+
+@dataclass(frozen=True)
+class _Head:
+    generation: int  # 0: no chain yet (no champion, or a champion.json from before the chain)
+    record: dict[str, Any] | None
+
+
+def _chain_uri(home: str | None, generation: int) -> str:
+    return join(models_uri(home), CHAIN_DIR, f"gen-{generation:09d}.json")
+
+
+def _read_if_present(uri: str) -> bytes | None:
+    # cat_file asks the store every time: s3fs answers exists()/info() from a cached parent
+    # listing, which would hide a generation created after that listing.
+    fs, path = fs_and_path(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def _checked_pointer(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict) or not all(
+        isinstance(record.get(key), str) for key in ("version", "sha256")
+    ):
+        raise RegistryError(
+            f"{where} lacks 'version' or 'sha256'; promote a version again to repair it"
+        )
+    return record
+
+
+def _read_generation(home: str | None, generation: int) -> dict[str, Any] | None:
+    uri = _chain_uri(home, generation)
+    data = _read_if_present(uri)
+    if data is None:
+        return None
+    record = _checked_pointer(loads_json(data, uri), uri)
+    if record.get("generation") != generation:
+        raise IntegrityError(f"{uri} records generation {record.get('generation')!r}")
+    return record
+
+
+def _chain_head(home: str | None) -> _Head:
+    """The newest generation: champion.json's, then forward while a next one exists."""
+    uri = join(models_uri(home), CHAMPION_FILE)
+    data = _read_if_present(uri)
+    pointer = None if data is None else _checked_pointer(loads_json(data, uri), uri)
+    generation = int(pointer.get("generation") or 0) if pointer else 0
+    record = pointer
+    if pointer is not None and generation > 0:
+        stored = _read_generation(home, generation)
+        if stored is None or stored != pointer:
+            raise IntegrityError(
+                f"{uri} does not match the promotion record of its generation {generation} "
+                f"({_chain_uri(home, generation)}): champion.json was altered after promotion, "
+                "so it was not used. Run `multitag models promote VERSION` to repair it."
+            )
+    while (newer := _read_generation(home, generation + 1)) is not None:
+        generation, record = generation + 1, newer
+    return _Head(generation, record)
+
+
+def list_decisions(home: str | None, version: str | None = None) -> list[dict[str, Any]]:
+    """Recorded promotion decisions (for one version or all), oldest first.
+
+    Promotions come from the chain (each generation's record holds its decision), the rest
+    from `_decisions/`: the log of promotions is the chain itself, so it always agrees with
+    the pointer, even when a promoter was killed right after its swap.
+    """
+    if version is not None:
+        check_version_id(version)
+    root = join(models_uri(home), DECISIONS_DIR)
+    if version is not None:
+        root = join(root, version)
+    decisions = [loads_json(read_bytes(u), u) for u in _json_files(root)]
+    for record in _chain_records(home):
+        decision = record.get("decision")
+        if isinstance(decision, dict) and version in (None, decision.get("version")):
+            decisions.append(decision)
+    return sorted(decisions, key=lambda d: (d.get("decided_at") or "", d.get("version") or ""))
+
+
+def _json_files(root: str) -> list[str]:
+    fs, path = fs_and_path(root)
+    try:
+        found = sorted(p for p in fs.find(path) if p.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    finally:
+        fs.invalidate_cache(path)  # a cached listing must not hide later writes (see above)
+    return [unstrip(fs, p) for p in found]
+
+
+def _chain_records(home: str | None) -> list[dict[str, Any]]:
+    """Every generation record, oldest first."""
+    found = []
+    for uri in _json_files(join(models_uri(home), CHAIN_DIR)):
+        match = _GEN_RE.match(posixpath.basename(uri))
+        if match:
+            found.append((int(match.group(1)), loads_json(read_bytes(uri), uri)))
+    return [record for _, record in sorted(found, key=lambda item: item[0])]
+
+
+def _metric_value(metrics: Any, metric: str, version: str) -> float:
+    value = (metrics.get("validation") or {}).get(metric) if isinstance(metrics, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RegistryError(
+            f"model version {version} has no finite validation metric {metric!r} in "
+            f"{METRICS_FILE} (found {value!r}); compare on a metric both versions have, or force"
+        )
+    return float(value)
+
+
+def promote_if_better(
+    home: str | None, version: str, metric: str, force: bool = False
+) -> PromotionDecision:
+    """The champion gate: promote only if metrics["validation"][metric] strictly beats the
+    champion's (higher is better; a tie keeps the champion), or there is no champion, or force.
+
+    The candidate is fully verified first (every sha256); a champion that no longer verifies
+    loses to any verified candidate. The judgement and the swap are one compare-and-swap on
+    the promotion chain (see the module docstring): a swap lost to a concurrent promotion is
+    judged again against the champion that won, so the decision recorded is always against
+    the champion the pointer actually moved from. Recorded whether or not it promotes.
+    """
+    if "loss" in metric.lower():
+        raise RegistryError(f"the gate compares higher-is-better metrics; {metric!r} is a loss")
+    vdir = version_uri(home, version)
+    sums = verify_files(vdir, version)
+    metrics = loads_json(read_verified(vdir, version, METRICS_FILE, sums), METRICS_FILE)
+    try:
+        candidate: float | None = _metric_value(metrics, metric, version)
+    except RegistryError:
+        if not force:
+            raise
+        candidate = None
+    lost = 0
+    while True:
+        head = _chain_head(home)
+        promoted, reason, champ_version, champ_value = _gate(
+            home, head.record, version, candidate, metric, force
+        )
+        decided = utc_now()
+        decision = PromotionDecision(
+            promoted, reason, version, metric, candidate, champ_value, champ_version, force,
+            iso_time(decided), head.generation + 1 if promoted else None, lost,
+        )  # fmt: skip
+        if not promoted:
+            _record_decision(home, decision, decided)
+            return decision
+        record = {
+            "version": version,
+            "sha256": sums[MODEL_FILE],
+            "metric": metric,
+            "value": candidate,
+            "promoted_at": iso_time(decided),
+            "forced": force,
+            "previous": champ_version,
+            "generation": head.generation + 1,
+            "decision": decision.to_dict(),
+        }
+        try:
+            write_json_atomic(_chain_uri(home, head.generation + 1), record, exclusive=True)
+        except FileExistsError:
+            # A retried PUT whose first attempt landed (lost response) finds its own record.
+            if _read_generation(home, head.generation + 1) != json.loads(json_bytes(record)):
+                lost += 1  # another promotion took this generation: judge again against it
+                continue
+        _point_champion(home, head.generation + 1, record)
+        return decision
+
+
+def _gate(
+    home: str | None,
+    champion: Mapping[str, Any] | None,
+    version: str,
+    candidate: float | None,
+    metric: str,
+    force: bool,
+) -> tuple[bool, str, str | None, float | None]:
+    """(promote?, why, champion version, champion value) against this champion record."""
+    if champion is None:
+        return True, "no champion yet", None, None
+    champ_version = str(champion["version"])
+    if champ_version == version:
+        return False, f"{version} is already the champion", champ_version, None
+    try:
+        champ_value = _champion_value(home, champ_version, metric)
+    except (IntegrityError, VersionNotFoundError) as exc:
+        return True, f"champion {champ_version} no longer verifies ({exc})", champ_version, None
+    except RegistryError:
+        if not force:
+            raise
+        return True, f"forced; champion {champ_version} has no {metric!r}", champ_version, None
+    promoted, reason = _judge(candidate, champ_value, metric, champ_version, force)
+    return promoted, reason, champ_version, champ_value
+
+
+def _point_champion(home: str | None, generation: int, record: dict[str, Any]) -> None:
+    """Write champion.json, then re-point it while the chain has moved past what was written.
+
+    Why the loop: two winners of consecutive generations may write the pointer in either
+    order. Each re-checks the chain after its own write, so the last writer always leaves the
+    newest generation (a kill in between leaves a stale pointer, which readers step past).
+    """
+    uri = join(models_uri(home), CHAMPION_FILE)
+    while True:
+        write_json_atomic(uri, record)
+        newer = _read_generation(home, generation + 1)
+        if newer is None:
+            return
+        generation, record = generation + 1, newer
+        while (later := _read_generation(home, generation + 1)) is not None:
+            generation, record = generation + 1, later
+
+
+def _judge(
+    candidate: float | None, champion: float, metric: str, champ_version: str | None, force: bool
+) -> tuple[bool, str]:
+    if candidate is not None and candidate > champion:
+        return True, f"{metric} {candidate:.6g} beats champion {champ_version} ({champion:.6g})"
+    shown = "n/a" if candidate is None else f"{candidate:.6g}"
+    if force:
+        return True, f"forced: {metric} {shown} vs champion {champ_version} ({champion:.6g})"
+    return False, f"{metric} {shown} does not beat champion {champ_version} ({champion:.6g})"
+
+
+def _champion_value(home: str | None, champ_version: str, metric: str) -> float:
+    # Only metrics.json is hashed here: it is the number being compared, and a full check of
+    # the champion's model would download it on every retrain (load_model checks it anyway).
+    vdir = version_uri(home, champ_version)
+    sums = read_sums(vdir, champ_version)
+    data = read_verified(vdir, champ_version, METRICS_FILE, sums)
+    return _metric_value(loads_json(data, METRICS_FILE), metric, champ_version)
+
+
+def _record_decision(home: str | None, decision: PromotionDecision, when: datetime) -> None:
+    name = f"{when:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:6]}.json"
+    uri = join(models_uri(home), DECISIONS_DIR, decision.version, name)
+    write_json_atomic(uri, decision.to_dict(), exclusive=True)
+
+
+def promote(home: str | None, version: str, metric: str = "mAP") -> PromotionDecision:
+    """`multitag models promote VERSION`: make a verified version champion whatever its score."""
+    return promote_if_better(home, version, metric, force=True)
