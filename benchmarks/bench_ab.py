@@ -24,10 +24,11 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_tagging import SIZES, _head_start_images, _shard_rate, register_trained
+from benchmarks.bench_tagging import SIZES, _head_start_images, _shard_rate
 from benchmarks.common import (
     REPO,
     bench_env,
@@ -50,6 +51,21 @@ def worktree(rev: str, where: Path) -> Path:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     return where
+
+
+def register_with(tree: Path, home: Path, work: Path) -> str:
+    """Register and promote the model with the *before* tree's code: both trees then read a
+    version in the format the older code writes (the newer one must read it anyway)."""
+    code = (
+        "import sys; from pathlib import Path; "
+        "from benchmarks.bench_tagging import register_trained; "
+        "print(register_trained(Path(sys.argv[1]), Path(sys.argv[2]), arch='resnet18', "
+        "img_size=224, n_train=96, epochs=1)['version'])"
+    )
+    env = dict(os.environ) | {"PYTHONPATH": str(tree), "OMP_WAIT_POLICY": "PASSIVE"}
+    out = subprocess.run([sys.executable, "-c", code, str(home), str(work)], env=env,
+                         cwd=tree, capture_output=True, text=True, check=True)  # fmt: skip
+    return out.stdout.strip().splitlines()[-1]
 
 
 def short_sha(rev: str) -> str:
@@ -83,6 +99,7 @@ def alternate(trees: dict[str, Path], repeats: int) -> list[tuple[str, int]]:
 def measure_size(trees: dict[str, Path], root: Path, photos: list[Path], repeats: int,
                  label: str) -> dict[str, list[float]]:  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in trees}
+    scorers: dict[str, set[str]] = {name: set() for name in trees}
     for name, i in alternate(trees, repeats):
         r = tag_once(trees[name], root, photos[0].parent, f"{label}-{name}-{i}")
         rate = _shard_rate(r["manifest"], "tag_s")
@@ -90,10 +107,12 @@ def measure_size(trees: dict[str, Path], root: Path, photos: list[Path], repeats
         head = _head_start_images(r["manifest"])
         print(f"{label} {name} #{i}: {n} tagged, shard tasks {rate or 0:.1f} img/s, "
               f"head start {head}, wall {r['wall_s']:.1f} s")  # fmt: skip
+        scorers[name].update(r["manifest"].get("scorers", []))
         if n != len(photos):
             raise RuntimeError(f"{name} tagged {n} of {len(photos)} photos")
         if rate is not None:
             rates[name].append(rate)
+    print(f"{label} scorers: {scorers}")
     return rates
 
 
@@ -110,6 +129,7 @@ def measure_start(trees: dict[str, Path], root: Path, repeats: int) -> dict[str,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="git revision of the 'before' tree")
+    parser.add_argument("--after", help="git revision of the 'after' tree; default: this checkout")
     parser.add_argument("--images", type=int, default=3000, help="photos of each size")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each tree per size")
     parser.add_argument("--work", type=Path, default=Path("/tmp/multitag-bench-ab"))
@@ -117,13 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     work = args.work
-    trees = {"before": worktree(args.before, work / "before-tree"), "after": REPO}
-    before_sha, after_sha = short_sha(args.before), short_sha("HEAD")
+    after = worktree(args.after, work / "after-tree") if args.after else REPO
+    trees = {"before": worktree(args.before, work / "before-tree"), "after": after}
+    before_sha, after_sha = short_sha(args.before), short_sha(args.after or "HEAD")
     root = work / "root"
     shutil.rmtree(root / "home", ignore_errors=True)
     (root / "home").mkdir(parents=True, exist_ok=True)
-    version = register_trained(root / "home", work, arch="resnet18", img_size=224, n_train=96,
-                               epochs=1)["version"]  # fmt: skip
+    version = register_with(trees["before"], root / "home", work)
     results: dict[str, Any] = {"version": version}
     rows = []
     for size in ("voc", "phone"):

@@ -268,7 +268,7 @@ class TagParams(BaseModel):
         "Pillow's own global limit only.",
     )
     max_bytes: int | None = Field(
-        100 * 2**20,  # = multitag.inference.sources.DEFAULT_MAX_BYTES (camera photos are 3-40 MB)
+        100 * 2**20,  # = multitag.inference.reading.DEFAULT_MAX_BYTES (camera photos are 3-40 MB)
         ge=1,
         description="Files larger than this many bytes become 'too_large' error rows, "
         "decided from their size without reading them; None: no cap.",

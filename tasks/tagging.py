@@ -10,7 +10,8 @@ from prefect import get_run_logger, task
 from multitag import tagging
 from multitag.config import TagParams
 from multitag.errors import InputError
-from multitag.inference.sources import TransientReadError, UnreadableImageError, local_path
+from multitag.inference.faults import TransientReadError, UnreadableImageError
+from multitag.inference.sources import local_path
 from multitag.registry import RegistryError
 from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from multitag.config import TagParams, default_home
 from multitag.inference import selection
+from multitag.inference.faults import TaggingError
 from multitag.inference.imaging import DecodedImage
 from multitag.inference.records import (
     DEFAULT_AGREEMENT_BAR,
@@ -34,7 +35,7 @@ from multitag.inference.records import (
 )
 from multitag.inference.sampling import decode_spread
 from multitag.inference.scorers import Scorer, file_scorer, make_scorer
-from multitag.inference.sources import TaggingError, list_images
+from multitag.inference.sources import list_images
 from multitag.inference.spec import InferenceSpec, ModelBaseline, spec_decoder
 from multitag.inference.tagger import Tagger
 from multitag.inference.torch_scorer import TorchScorer, bf16_scorer, torch_precision

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from multitag.inference.imaging import DecodedImage, ImageDecodeError
-from multitag.inference.sources import read_many
+from multitag.inference.reading import read_many
 
 NO_IMAGES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from multitag.inference.faults import TaggingError
 from multitag.inference.imaging import DEFAULT_MAX_PIXELS, WHITE, DecodedImage, decode_image
-from multitag.inference.sources import TaggingError
 
 
 @dataclass(frozen=True)

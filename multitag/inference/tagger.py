@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from multitag.errors import RunFailedError
+from multitag.inference.faults import TaggingError, read_error_reason
 from multitag.inference.imaging import (
     DEFAULT_MAX_PIXELS,
     WHITE,
@@ -28,13 +29,8 @@ from multitag.inference.imaging import (
     ImageDecodeError,
     decode_image,
 )
+from multitag.inference.reading import DEFAULT_MAX_BYTES, read_many
 from multitag.inference.scorers import Scorer
-from multitag.inference.sources import (
-    DEFAULT_MAX_BYTES,
-    TaggingError,
-    read_error_reason,
-    read_many,
-)
 from multitag.inference.spec import InferenceSpec, ModelBaseline
 from multitag.inference.torch_scorer import TorchScorer, torch_precision
 from multitag.runtime import available_cpus, pick_device

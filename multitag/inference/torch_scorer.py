@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from multitag.inference.arrays import check_uint8_batch
-from multitag.inference.sources import TaggingError
+from multitag.inference.faults import TaggingError
 
 
 class TorchScorer:

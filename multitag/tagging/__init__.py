@@ -83,11 +83,11 @@ Listing and reading images live in `multitag.inference.sources`; the model side 
 `tagger_for` in `loading`, the scorers and the fast path's selection beside them).
 """
 
+from multitag.inference.faults import TaggingError
 from multitag.inference.loading import tagger_for
 from multitag.inference.sources import (
     SkippedFiles,
     SourceListing,
-    TaggingError,
     default_dataset_name,
     list_images,
     list_source,

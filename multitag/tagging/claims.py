@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from multitag.config import TagParams
-from multitag.inference.sources import TaggingError
+from multitag.inference.faults import TaggingError
 from multitag.storage import fs_and_path, join, read_bytes, write_bytes_atomic
 from multitag.tagging.output import current_rows, part_name, shard_id_of, tags_schema
 

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from multitag import registry
 from multitag.config import TagParams, get_settings
+from multitag.inference.faults import TaggingError
 from multitag.inference.loading import tagger_for
 from multitag.inference.sources import (
     SkippedFiles,
     SourceListing,
-    TaggingError,
     default_dataset_name,
     list_source,
 )

@@ -10,7 +10,7 @@ only one run at a time writes there (`TagParams.single_writer`, `--single-writer
 from __future__ import annotations
 
 from multitag.config import TagParams, get_settings
-from multitag.inference.sources import TaggingError
+from multitag.inference.faults import TaggingError
 from multitag.storage import PROBE_DIR, honours_exclusive_create, join, store_description
 
 

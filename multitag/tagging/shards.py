@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from multitag.inference.sources import TaggingError
+from multitag.inference.faults import TaggingError
 from multitag.inference.tagger import Tagger, TagRow
 from multitag.storage import fs_and_path, write_bytes_atomic
 from multitag.tagging import headstart

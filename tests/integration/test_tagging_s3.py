@@ -20,7 +20,7 @@ import pytest
 
 from multitag import tagging
 from multitag.config import TagParams
-from multitag.inference.sources import TransientReadError
+from multitag.inference.faults import TransientReadError
 from multitag.storage import write_bytes_atomic
 from multitag.tagging import claims, list_images, plan_run, shards, tag_shard, validate_tags_table
 from tests.s3_faults import FaultProxy, Request, expired_token, reset, s3_error

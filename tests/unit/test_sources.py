@@ -28,17 +28,16 @@ from PIL import Image
 from s3fs.errors import translate_boto_error
 
 from multitag.config import TagParams
-from multitag.inference import loading, sources
-from multitag.inference.sources import (
+from multitag.inference import faults, loading, reading, sources
+from multitag.inference.faults import (
     NotRegularFileError,
     TooLargeError,
     TransientReadError,
     classify_read_error,
-    is_image_name,
-    list_source,
     read_error_reason,
-    read_many,
 )
+from multitag.inference.reading import read_many
+from multitag.inference.sources import is_image_name, list_source
 from multitag.tagging import plan_run, summarize_run, tag_shard, validate_tags_table
 from tests.tagging_helpers import TinyModel, read_tags, register_tiny_model, shape_images
 
@@ -153,7 +152,7 @@ def test_local_facts_become_error_rows(exc: BaseException, kind: str) -> None:
 
 def test_transient_read_error_names_object_code_and_remedy_and_pickles() -> None:
     exc = s3fs_error(403, "ExpiredToken", "The provided token has expired.")
-    err = sources.transient_error("s3://b/k.jpg", exc, classify_read_error(exc))
+    err = faults.transient_error("s3://b/k.jpg", exc, classify_read_error(exc))
     text = str(err)
     assert "s3://b/k.jpg" in text and "ExpiredToken" in text and "refresh" in text
     assert (err.uri, err.code) == ("s3://b/k.jpg", "ExpiredToken")
@@ -228,8 +227,8 @@ def test_files_over_the_byte_cap_are_too_large_rows_and_are_not_read(
 def test_a_file_that_grows_past_the_cap_while_read_is_still_too_large(tmp_path: Path) -> None:
     path = tmp_path / "growing.jpg"
     path.write_bytes(b"x" * 10)
-    assert isinstance(sources._refuse(os.stat(path), 9), TooLargeError)
-    assert sources._refuse(os.stat(path), 10) is None
+    assert isinstance(reading._refuse(os.stat(path), 9), TooLargeError)
+    assert reading._refuse(os.stat(path), 10) is None
 
 
 def test_local_disk_trouble_fails_the_read_instead_of_writing_a_row(
@@ -241,7 +240,7 @@ def test_local_disk_trouble_fails_the_read_instead_of_writing_a_row(
     def eio(path: str, max_bytes: int | None) -> bytes:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(sources, "_read_local", eio)
+    monkeypatch.setattr(reading, "_read_local", eio)
     with pytest.raises(TransientReadError, match=r"a\.jpg failed with EIO") as info:
         read_many([str(path)])
     assert info.value.code == "EIO"
@@ -408,18 +407,18 @@ class _FakeS3:
 
 
 def test_a_reset_while_the_body_streams_is_retried_and_then_is_weather() -> None:
-    fs = _FakeS3(failures=sources._BODY_READ_ATTEMPTS - 1)
-    assert asyncio.run(sources._s3_get(fs, "b/k.jpg", 100)) == b"data"
-    assert len(fs.bodies) == sources._BODY_READ_ATTEMPTS and all(b.closed for b in fs.bodies)
+    fs = _FakeS3(failures=reading._BODY_READ_ATTEMPTS - 1)
+    assert asyncio.run(reading._s3_get(fs, "b/k.jpg", 100)) == b"data"
+    assert len(fs.bodies) == reading._BODY_READ_ATTEMPTS and all(b.closed for b in fs.bodies)
 
-    fs = _FakeS3(failures=sources._BODY_READ_ATTEMPTS)
+    fs = _FakeS3(failures=reading._BODY_READ_ATTEMPTS)
     with pytest.raises(aiohttp.ClientPayloadError) as info:
-        asyncio.run(sources._s3_get(fs, "b/k.jpg", 100))
+        asyncio.run(reading._s3_get(fs, "b/k.jpg", 100))
     assert classify_read_error(info.value).transient  # read_many raises TransientReadError
 
 
 def test_an_object_over_the_cap_is_refused_from_its_headers_without_reading_the_body() -> None:
     fs = _FakeS3(failures=0)
-    got = asyncio.run(sources._s3_get(fs, "b/k.jpg", 3))
+    got = asyncio.run(reading._s3_get(fs, "b/k.jpg", 3))
     assert isinstance(got, TooLargeError) and "4 bytes > max_bytes 3" in got.reason
     assert [(b.was_read, b.closed) for b in fs.bodies] == [(False, True)]

@@ -515,7 +515,7 @@ def test_only_weather_is_retried() -> None:
     from prefect.states import Completed, Failed
 
     from flows.tag import ShardsFailedError
-    from multitag.inference.sources import NotRegularFileError, TransientReadError
+    from multitag.inference.faults import NotRegularFileError, TransientReadError
     from multitag.registry import IntegrityError
     from tasks.tagging import _retry_weather
 
