@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as dt
 import io
 import json
@@ -33,7 +34,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from benchmarks.common import REPO, RESULTS, bench_env, environment_line, multitag_cli, table
+from tests.local_servers import moto_server
 
 BUCKET = "soak"
 SOURCE_PREFIX = "photos"
@@ -121,12 +122,6 @@ def run_tag(
 
 
 # ================================================================================ S3 side
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def s3_env() -> dict[str, str]:
@@ -310,15 +305,11 @@ def wait_for_parts(fs: Any, out_prefix: str, at_least: int, proc: Any, timeout_s
 
 
 def s3_soak(args: argparse.Namespace, tiny_home: Path, version: str, scratch: Path) -> S3Soak:
-    from moto.server import ThreadedMotoServer
-
     from tests.s3_faults import FaultProxy, combine, expired_token, transient_mix
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log: one line a request
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    moto = f"http://127.0.0.1:{port}"
+    servers = contextlib.ExitStack()
+    moto = servers.enter_context(moto_server())
     try:
         fs = direct_fs(moto)
         fs.mkdir(BUCKET)
@@ -418,7 +409,7 @@ def s3_soak(args: argparse.Namespace, tiny_home: Path, version: str, scratch: Pa
         report.counts = count_output(fs, out_prefix, expected, scratch)
         return report
     finally:
-        server.stop()
+        servers.close()
 
 
 # ================================================================================ local disk

@@ -142,6 +142,13 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold-policy", choices=["global", "per_label", "shrunk"])
     p.add_argument("--force-promote", action="store_true", help="make it champion regardless")
     p.add_argument(
+        "--baseline-margin",
+        type=float,
+        metavar="M",
+        help="promote only if the promote metric beats the label-prior baseline by more than M "
+        "(absolute; default 0.02)",
+    )
+    p.add_argument(
         "--fastpath-check-images",
         type=int,
         metavar="N",
@@ -172,6 +179,8 @@ def _retrain_params(args: argparse.Namespace) -> RetrainParams:
     if args.no_pretrained:
         train["pretrained"] = False
     data: dict = {"train": train, "force_promote": args.force_promote, "home": args.home}
+    if args.baseline_margin is not None:
+        data["baseline_margin"] = args.baseline_margin
     if args.data:
         data["data"] = args.data
     if args.data_sha256:
@@ -239,6 +248,21 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
         help="allow an output store that ignores conditional writes (If-None-Match): only "
         "one run at a time may then write this output",
     )
+    point = p.add_mutually_exclusive_group()
+    point.add_argument(
+        "--min-precision",
+        type=float,
+        metavar="P",
+        help="operating point: per label, the lowest threshold whose validation precision "
+        "is >= P (labels that never reach P are never predicted); default: training's",
+    )
+    point.add_argument(
+        "--thresholds",
+        dest="thresholds_file",
+        metavar="FILE",
+        help='operating point: a JSON file {"label": threshold, ...} (or a thresholds.json) '
+        "with exactly the model's labels",
+    )
     p.set_defaults(func=_cmd_tag)
 
 
@@ -261,6 +285,8 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         "home",
         "retry_errors",
         "single_writer",
+        "min_precision",
+        "thresholds_file",
     )
     try:
         params = TagParams.model_validate(

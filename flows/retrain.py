@@ -41,6 +41,8 @@ def retrain(params: RetrainParams) -> dict[str, Any]:
     stage = select_thresholds(stage, params.thresholds)
     dataset = {"uri": params.data, "local_path": dataset_dir, "name": _dataset_name(params)}
     version = register_model(stage, home, dataset, contract, params.fastpath_check_images)
-    decision = promote_if_better(home, version, params.promote_metric, params.force_promote)
+    decision = promote_if_better(
+        home, version, params.promote_metric, params.force_promote, params.baseline_margin
+    )
     get_run_logger().info("model %s registered; promoted=%s", version, decision.get("promoted"))
     return {"version": version, "decision": decision, "home": home, "dataset_dir": dataset_dir}

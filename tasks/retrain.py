@@ -8,7 +8,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from multitag import registry, storage
-from multitag.config import ThresholdParams, TrainParams
+from multitag.config import BASELINE_MARGIN, ThresholdParams, TrainParams
 from multitag.data import contracts, datasets
 from multitag.errors import RunFailedError
 from multitag.training import reports, retraining
@@ -219,13 +219,22 @@ def _report_markdown(info: dict) -> str:
 
 
 @task(name="promote-if-better", retries=2, retry_delay_seconds=[5, 30])
-def promote_if_better(home: str | None, version: str, metric: str, force: bool) -> dict[str, Any]:
-    decision = registry.promote_if_better(home, version, metric, force=force)
+def promote_if_better(
+    home: str | None,
+    version: str,
+    metric: str,
+    force: bool,
+    baseline_margin: float = BASELINE_MARGIN,
+) -> dict[str, Any]:
+    decision = registry.promote_if_better(
+        home, version, metric, force=force, baseline_margin=baseline_margin
+    )
     d = decision.to_dict() if hasattr(decision, "to_dict") else dict(decision.__dict__)
     publish_table(
         "promotion-decision",
         [{k: fmt(v) for k, v in d.items()}],
-        "champion gate: promoted only if the candidate beats the champion",
+        "champion gate: promoted only if the candidate beats guessing by the margin "
+        "and beats the champion",
     )
     get_run_logger().info("promotion: %s", d)
     uri = registry.version_uri(home, version)

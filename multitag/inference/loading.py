@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from multitag.config import TagParams, default_home
+from multitag.hashing import sha256_uri
 from multitag.inference import selection
 from multitag.inference.faults import TaggingError
 from multitag.inference.imaging import DecodedImage
@@ -40,7 +41,11 @@ from multitag.inference.spec import InferenceSpec, ModelBaseline, spec_decoder
 from multitag.inference.tagger import Tagger
 from multitag.inference.torch_scorer import TorchScorer, bf16_scorer, torch_precision
 from multitag.registry import load_metadata, unpickle_model, verified_file
+from multitag.registry.layout import THRESHOLDS_FILE, version_uri
 from multitag.runtime import pick_device
+from multitag.storage import join, read_json
+from multitag.training import operating_point
+from multitag.training.threshold_set import ThresholdSet
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +73,19 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
     if chosen is None:
         chosen = _learner_scorer(unpickle_model(meta), spec, params, record, why)
     scorer, choice = chosen
+    point = resolve_operating_point(meta.thresholds, params)
+    if point.kind != "training":
+        log.warning(
+            "operating point %s: thresholds %s%s; %s",
+            point.kind,
+            point.thresholds.per_label,
+            f" (never predicted: {point.never})" if point.never else "",
+            operating_point.FASTPATH_NOTE,
+        )
     return Tagger(
         scorer,
         spec=spec,
-        thresholds=meta.thresholds,
+        thresholds=point.thresholds,
         model_version=meta.version,
         baseline=ModelBaseline.from_metrics(spec.vocab, meta.metrics),
         batch_size=params.batch_size,
@@ -246,7 +260,10 @@ def tagger_for(params: TagParams, model_version: str) -> Tagger:
     key = params.model_copy(
         update={"model_version": model_version, "home": params.home or default_home()}
     )
-    return _cached_tagger(key.model_dump_json(include=_TAGGER_FIELDS))
+    # A thresholds file edited between two runs in one process must not reuse the tagger
+    # built from its old contents: its sha256 is part of the key (the path alone is not).
+    content = sha256_uri(params.thresholds_file) if params.thresholds_file else ""
+    return _cached_tagger(key.model_dump_json(include=_TAGGER_FIELDS), content)
 
 
 _TAGGER_FIELDS = {
@@ -259,11 +276,44 @@ _TAGGER_FIELDS = {
     "decode_workers",
     "max_pixels",
     "max_bytes",
+    "min_precision",  # the operating point: another one is another Tagger
+    "thresholds_file",
 }
 
 
+def resolve_operating_point(
+    thresholds: ThresholdSet, params: TagParams
+) -> operating_point.OperatingPoint:
+    """The operating point `params` ask for, over the model's training thresholds; a file
+    or a target that cannot be applied is a TaggingError (exit 2, not retried)."""
+    try:
+        return operating_point.resolve(
+            thresholds,
+            min_precision=params.min_precision,
+            thresholds_file=params.thresholds_file,
+        )
+    except operating_point.OperatingPointError as exc:
+        raise TaggingError(str(exc)) from exc
+
+
+def operating_point_for(params: TagParams, model_version: str) -> dict[str, Any]:
+    """The manifest's record of the operating point a run of `params` applies.
+
+    Read from the version's thresholds.json without loading the model, so the plan checks a
+    bad thresholds file or target before anything is claimed (the shard's Tagger, built with
+    sha256-verified files, derives the same thresholds from the same file). The default
+    reads nothing: training's thresholds are the version's own thresholds.json, which
+    `model_version` names.
+    """
+    if params.min_precision is None and params.thresholds_file is None:
+        return {"kind": "training"}
+    data = read_json(join(version_uri(params.home, model_version), THRESHOLDS_FILE))
+    return resolve_operating_point(ThresholdSet.from_json(data), params).to_manifest()
+
+
 @functools.lru_cache(maxsize=2)
-def _cached_tagger(key_json: str) -> Tagger:
+def _cached_tagger(key_json: str, thresholds_sha256: str = "") -> Tagger:
+    """`thresholds_sha256` only keys the cache (see `tagger_for`)."""
     fields = json.loads(key_json)
     params = TagParams(**fields)
     return load_tagger(params, fields["model_version"])

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from multitag.config import BASELINE_MARGIN
 from multitag.registry.errors import IntegrityError, RegistryError, VersionNotFoundError
 from multitag.registry.integrity import read_sums, read_verified, verify_files
 from multitag.registry.layout import (
@@ -66,6 +67,12 @@ class PromotionDecision:
     # times its compare-and-swap lost to a concurrent promotion before this decision.
     generation: int | None = None
     lost_swaps: int = 0
+    # The candidate's own label-prior baseline for `metric` (metrics["baselines"]; None for a
+    # version registered before baselines were stored, judged as before), the margin it had
+    # to beat it by, and whether force promoted it although it did not.
+    baseline_value: float | None = None
+    baseline_margin: float | None = None
+    forced_past_baseline: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,11 +200,42 @@ def _metric_value(metrics: Any, metric: str, version: str) -> float:
     return float(value)
 
 
+def _baseline_value(metrics: Any, metric: str) -> float | None:
+    """The candidate's label-prior baseline for `metric`; None where none was stored."""
+    baselines = metrics.get("baselines") if isinstance(metrics, dict) else None
+    value = baselines.get(metric) if isinstance(baselines, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _baseline_refusal(
+    candidate: float | None, baseline: float | None, margin: float, metric: str
+) -> str | None:
+    """Why the candidate is no better than guessing (None: it is, or there is no baseline)."""
+    # Rounded: "at the margin" must not flip with float error (0.845 + 0.02 < 0.865).
+    if baseline is None or (candidate is not None and round(candidate - baseline, 9) > margin):
+        return None
+    shown = "n/a" if candidate is None else f"{candidate:.6g}"
+    return (
+        f"{metric} {shown} does not beat the label-prior baseline {baseline:.6g} by the "
+        f"margin {margin:.6g} (needs > {baseline + margin:.6g})"
+    )
+
+
 def promote_if_better(
-    home: str | None, version: str, metric: str, force: bool = False
+    home: str | None,
+    version: str,
+    metric: str,
+    force: bool = False,
+    baseline_margin: float = BASELINE_MARGIN,
 ) -> PromotionDecision:
-    """The champion gate: promote only if metrics["validation"][metric] strictly beats the
-    champion's (higher is better; a tie keeps the champion), or there is no champion, or force.
+    """The champion gate: promote only if metrics["validation"][metric] beats the candidate's
+    label-prior baseline (metrics["baselines"][metric]) by more than `baseline_margin` and
+    strictly beats the champion's (higher is better; a tie keeps the champion), or there is
+    no champion, or force. The baseline applies to the first model too: "no champion yet"
+    does not make guessing a champion. A version without stored baselines (registered
+    before they existed) is judged against the champion only, as before.
 
     The candidate is fully verified first (every sha256); a champion that no longer verifies
     loses to any verified candidate. The judgement and the swap are one compare-and-swap on
@@ -210,22 +248,35 @@ def promote_if_better(
     vdir = version_uri(home, version)
     sums = verify_files(vdir, version)
     metrics = loads_json(read_verified(vdir, version, METRICS_FILE, sums), METRICS_FILE)
+    if not (math.isfinite(baseline_margin) and 0.0 <= baseline_margin <= 1.0):
+        raise RegistryError(f"baseline_margin must lie in [0, 1]; got {baseline_margin!r}")
     try:
         candidate: float | None = _metric_value(metrics, metric, version)
     except RegistryError:
         if not force:
             raise
         candidate = None
+    baseline = _baseline_value(metrics, metric)
+    refusal = _baseline_refusal(candidate, baseline, baseline_margin, metric)
     lost = 0
     while True:
         head = _chain_head(home)
-        promoted, reason, champ_version, champ_value = _gate(
-            home, head.record, version, candidate, metric, force
-        )
+        if refusal is not None and not force:
+            champ = head.record
+            promoted, reason = False, refusal
+            champ_version, champ_value = (str(champ["version"]) if champ else None), None
+        else:
+            promoted, reason, champ_version, champ_value = _gate(
+                home, head.record, version, candidate, metric, force
+            )
+            if refusal is not None and promoted:
+                reason = f"forced past the baseline: {refusal}; {reason}"
         decided = utc_now()
         decision = PromotionDecision(
             promoted, reason, version, metric, candidate, champ_value, champ_version, force,
             iso_time(decided), head.generation + 1 if promoted else None, lost,
+            baseline, baseline_margin if baseline is not None else None,
+            promoted and refusal is not None,
         )  # fmt: skip
         if not promoted:
             _record_decision(home, decision, decided)

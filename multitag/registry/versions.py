@@ -242,6 +242,7 @@ def show_version(home: str | None, version: str) -> dict[str, Any]:
 
     thresholds = load(THRESHOLDS_FILE)
     record = load(VERSION_FILE) or {}
+    metrics = load(METRICS_FILE)
     return {
         "version": version,
         "uri": vdir,
@@ -253,7 +254,11 @@ def show_version(home: str | None, version: str) -> dict[str, Any]:
         "files": [
             {"name": n, "size": s, "sha256": sums.get(n)} for n, s in sorted(present.items())
         ],
-        "metrics": load(METRICS_FILE),
+        "metrics": metrics,
+        # dataset content hash, rows per split, contract and code versions (None: older)
+        "lineage": (metrics or {}).get("lineage"),
+        # what guessing scores on validation, the champion gate's floor (None: older version)
+        "baselines": (metrics or {}).get("baselines"),
         # curves are long arrays: the plots in report.md show them
         "thresholds": {k: v for k, v in (thresholds or {}).items() if k != "curves"},
         "inference": load(INFERENCE_FILE),

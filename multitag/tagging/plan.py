@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from multitag import registry
 from multitag.config import TagParams, get_settings
 from multitag.inference.faults import TaggingError
-from multitag.inference.loading import tagger_for
+from multitag.inference.loading import operating_point_for, tagger_for
 from multitag.inference.sources import (
     SkippedFiles,
     SourceListing,
@@ -73,6 +73,7 @@ class RunPlan:
     n_retried: int = 0  # images whose latest row was an error, claimed again (retry_errors)
     not_images: SkippedFiles = field(default_factory=SkippedFiles)  # by extension, not listed
     bad_names: SkippedFiles = field(default_factory=SkippedFiles)  # not UTF-8, not listed
+    operating_point: dict[str, Any] = field(default_factory=dict)  # thresholds applied, why
 
     @property
     def n_pending(self) -> int:
@@ -192,6 +193,7 @@ def plan_run(
     run_id = run_id or new_run_id()
     version = model_version or resolve_model_version(params)
     baseline = baseline or read_baseline(params.home, version)
+    point = operating_point_for(params, version)  # a bad --thresholds fails before claiming
     dataset_uri, partition, plans = output_uris(params, version)
     check_output_store(params)
     for folder in (partition, plans, join(dataset_uri, MANIFESTS_DIR)):
@@ -244,4 +246,5 @@ def plan_run(
         n_retried=n_retried,
         not_images=listed.not_images,
         bad_names=listed.bad_names,
+        operating_point=point,
     )

@@ -9,10 +9,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from multitag import registry
 from multitag.storage import join, read_json, write_json_atomic
 from multitag.tagging.drift import DriftReport, DriftRule, compute_drift
 from multitag.tagging.plan import MANIFESTS_DIR, RunPlan
 from multitag.tagging.shards import ShardResult
+from multitag.training.lineage import dataset_sha256_of
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class TagSummary:
     not_image_examples: list[str] = field(default_factory=list)  # the first few
     bad_names: int = 0  # local names that are not valid UTF-8: left out (rename to tag)
     bad_name_examples: list[str] = field(default_factory=list)  # shown with \x escapes
+    # Lineage: the content hash of the data the model was trained on (None: not recorded).
+    model_dataset_sha256: str | None = None
+    operating_point: dict[str, Any] = field(default_factory=dict)  # RunPlan.operating_point
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +72,11 @@ class TagSummary:
             f"manifest: {self.manifest_uri}",
         ]
         lines += [f"scorer:   {s}" for s in self.scorers]
+        if self.operating_point.get("kind", "training") != "training":
+            op = self.operating_point
+            lines.append(f"operating point: {op['kind']} {op.get('value', op.get('path'))}"
+                         + (f", never predicted: {op['never_predicted']}"
+                            if op.get("never_predicted") else ""))  # fmt: skip
         if self.retried:
             lines.append(
                 f"retried {self.retried} error row(s): {self.retried_tagged} now tagged, "
@@ -162,7 +172,23 @@ def summarize_run(
         not_image_examples=plan.not_images.examples,
         bad_names=plan.bad_names.count,
         bad_name_examples=plan.bad_names.examples,
+        model_dataset_sha256=_model_dataset_sha256(plan),
+        operating_point=plan.operating_point,
     )
+
+
+def _model_dataset_sha256(plan: RunPlan) -> str | None:
+    """The dataset hash the model's metrics.json records, for the manifest's lineage.
+
+    Why tolerant: the manifest is written last, after the rows; a version registered before
+    lineage existed (or an unreadable metrics.json) must not fail a run that tagged its rows.
+    """
+    vdir = registry.version_uri(plan.params.get("home"), plan.model_version)
+    uri = join(vdir, registry.METRICS_FILE)
+    try:
+        return dataset_sha256_of(read_json(uri))
+    except (OSError, ValueError):
+        return None
 
 
 def _stage_seconds(results: Iterable[ShardResult]) -> dict[str, float]:

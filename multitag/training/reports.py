@@ -120,12 +120,14 @@ def render_markdown(
     sections = [
         "# Model report",
         _headline_section(metrics, evaluation),
+        _baseline_section(metrics, evaluation),
         _test_comparison_section(metrics),
         _thresholds_section(thresholds),
         _per_label_section(thresholds, evaluation),
         "## Plots\n\n"
         f"![Threshold curves]({CURVES_PNG})\n\n![Per-label average precision]({AP_PNG})",
         _training_section(metrics),
+        _key_value_section("Lineage", metrics.get("lineage")),
         _key_value_section("Dataset", metrics.get("dataset")),
         _key_value_section("Data contract", metrics.get("contract")),
         _key_value_section("Library versions", metrics.get("library_versions")),
@@ -144,6 +146,28 @@ def _headline_section(metrics: Mapping[str, Any], evaluation: Mapping[str, Any])
     if test:
         intro += "; test figures use the same thresholds on images never used for choosing"
     return f"## Headline metrics\n\n{intro}.\n\n" + table(header, rows)
+
+
+def _baseline_section(metrics: Mapping[str, Any], evaluation: Mapping[str, Any]) -> str:
+    """The model next to what guessing scores on the same validation images (the gate's floor)."""
+    baselines = metrics.get("baselines")
+    if not isinstance(baselines, Mapping):
+        return ""
+    predictors = baselines.get("predictors")
+    how: Mapping[str, Any] = predictors if isinstance(predictors, Mapping) else {}
+    rows = []
+    for key, value in baselines.items():
+        if key != "predictors":
+            model = evaluation.get(key)
+            gap = model - value if isinstance(model, float) and isinstance(value, float) else None
+            rows.append([key, model, value, gap, how.get(key, "")])
+    intro = (
+        "What a predictor that never looks at the image scores on the same validation images. "
+        "The champion gate promotes a model only if its promote metric beats this by the "
+        "stated margin (`baseline_margin`)."
+    )
+    header = ["Metric", "Model", "Label-prior baseline", "Model - baseline", "Baseline predictor"]
+    return f"## Compared with guessing\n\n{intro}\n\n" + table(header, rows)
 
 
 def _test_comparison_section(metrics: Mapping[str, Any]) -> str:

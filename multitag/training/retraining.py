@@ -32,8 +32,9 @@ from multitag.inference.imaging import decode_image
 from multitag.inference.sampling import decode_spread
 from multitag.runtime import library_versions
 from multitag.storage import write_bytes_atomic
-from multitag.training import reports
+from multitag.training import lineage, reports
 from multitag.training import thresholds as th
+from multitag.training.baselines import label_prior_baselines
 from multitag.training.thresholds import ThresholdSet
 
 # `multitag.training.learner` is imported inside the steps that train or unpickle: it imports
@@ -158,7 +159,8 @@ def train_stage(
 def threshold_stage(stage_dir: str | Path, params: ThresholdParams) -> dict[str, Any]:
     """Choose thresholds on validation; judge them (and the best single global one) on test."""
     stage = Path(stage_dir)
-    vocab = read_stage_json(stage, STAGE_TRAIN)["vocab"]
+    train_info = read_stage_json(stage, STAGE_TRAIN)
+    vocab = train_info["vocab"]
     valid = np.load(stage / STAGE_VALID)
     chosen = th.select_thresholds(valid["probs"], valid["targets"], vocab, params)
     _write_json(stage / STAGE_THRESHOLDS, chosen.to_json())
@@ -166,6 +168,10 @@ def threshold_stage(stage_dir: str | Path, params: ThresholdParams) -> dict[str,
         "validation": th.evaluate(
             valid["probs"], valid["targets"], chosen.as_array(), vocab
         ).to_dict(),
+        # What guessing scores on the same images: the champion gate's floor.
+        "baselines": label_prior_baselines(
+            valid["targets"], vocab, train_info["prevalence"]["labels"]
+        ),
     }
     if (stage / STAGE_TEST).exists():
         test = np.load(stage / STAGE_TEST)
@@ -230,6 +236,7 @@ def register_stage(
     learner.export_learner(learn, final / STAGE_MODEL, thresholds=ts.as_array())
     metrics = {
         "validation": evaluation["validation"],
+        "baselines": evaluation.get("baselines"),
         "test": evaluation.get("test"),
         "test_global_policy": evaluation.get("test_global_policy"),
         "test_best_global": evaluation.get("test_best_global"),
@@ -248,6 +255,13 @@ def register_stage(
     }
     extra: dict[str, Path] = {}
     dataset_dir = Path(str(dataset.get("local_path") or ""))
+    metrics[lineage.LINEAGE_KEY] = lineage.build_lineage(
+        dataset_dir if dataset.get("local_path") else None,
+        contract_summary,
+        n_train=train_info["n_train"],
+        n_valid=train_info["n_valid"],
+        dataset_sha256=dataset.get("content_sha256"),
+    )
     if fastpath_check_images > 0 and (dataset_dir / "train.csv").is_file():
         try:
             extra, metrics["fastpath"] = export_fastpath(

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import TEST_OUTPUT, PrefectStack, base_env, free_port, tail
+from tests.e2e.harness import TEST_OUTPUT, PrefectStack, base_env, tail
+from tests.local_servers import free_port
 
 
 def _apt_install_chromium(log: Path) -> None:

@@ -8,7 +8,6 @@ really fetched.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from multitag.data.datasets import DatasetError, acquire, make_shapes_dataset, pack_dataset
+from tests.local_servers import free_port
 
 
 @dataclass
@@ -32,12 +32,6 @@ class Server:
     def gets(self, name: str) -> int:
         """Successful GETs of /<name> so far (http.server logs one line per request)."""
         return self.log.read_text().count(f'"GET /{name} HTTP/1.1" 200')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -56,7 +50,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.
 @contextlib.contextmanager
 def _serving(args: list[str], log: Path) -> Iterator[str]:
     """Run `python <args> <port>` bound to 127.0.0.1; yield its base URL; stop it after."""
-    port = _free_port()
+    port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-u", *args, str(port)], stdout=out,
                                 stderr=subprocess.STDOUT)  # fmt: skip
@@ -94,6 +88,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 _CUT_OFF_SERVER = """
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
+
 
 class CutOff(BaseHTTPRequestHandler):
     def do_GET(self):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,6 +43,7 @@ from multitag.tagging import (
     validate_tags_table,
     write_manifest,
 )
+from tests.local_servers import moto_server
 from tests.s3_faults import (
     FaultProxy,
     Request,
@@ -57,23 +57,10 @@ from tests.tagging_helpers import TinyModel, read_tags, register_tiny_model, wri
 pytestmark = pytest.mark.slow  # a model to train, an S3 server to start
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 from multitag import registry
 from multitag.config import RetrainParams, TagParams, ThresholdParams, shapes_train_params
 from multitag.data.datasets import pack_dataset
+from multitag.data.fingerprint import fingerprint_folder
 from multitag.data.shapes import make_shapes_dataset
 from multitag.training import retraining
 
@@ -92,6 +93,11 @@ def test_retrain_then_tag_end_to_end(shapes_archive: Path, _isolated_home: Path)
     out = state.result()
     assert out["decision"]["promoted"] is True
     assert registry.get_champion(home)["version"] == out["version"]
+    # It was promoted past the label-prior baseline, not forced (issue 17 item 4).
+    decision = out["decision"]
+    assert decision["baseline_margin"] == params.baseline_margin
+    assert decision["candidate_value"] > decision["baseline_value"] + decision["baseline_margin"]
+    assert not decision["forced_past_baseline"]
     keys = _artifact_keys(state.state_details.flow_run_id)
     assert {
         "contract-report",
@@ -106,6 +112,12 @@ def test_retrain_then_tag_end_to_end(shapes_archive: Path, _isolated_home: Path)
     shown = registry.show_version(home, out["version"])
     assert {"fastpath.json", "model.int8.onnx"} <= {f["name"] for f in shown["files"]}
     assert shown["metrics"]["fastpath"]["n_check"] == shown["metrics"]["n_valid"]
+    # Lineage: the extracted dataset's content hash, rows per split, contract and code version.
+    lineage = shown["lineage"]
+    assert lineage["dataset_sha256"] == fingerprint_folder(out["dataset_dir"]).sha256
+    n_rows = {"train": shown["metrics"]["n_train"], "valid": shown["metrics"]["n_valid"]}
+    assert lineage["rows"] == n_rows
+    assert lineage["contract_version"] and lineage["code_version"]["package"]
 
     # A second retrain on identical inputs reuses the finished training and does not beat
     # the champion (same metrics): the gate keeps it.
@@ -131,6 +143,8 @@ def test_retrain_then_tag_end_to_end(shapes_archive: Path, _isolated_home: Path)
     assert set(table.column("model_version").to_pylist()) == {out["version"]}
     manifest = json.loads(Path(summary["manifest"]).read_text())
     assert manifest["tagged"] == 40
+    assert manifest["model_version"] == out["version"]
+    assert manifest["model_dataset_sha256"] == lineage["dataset_sha256"]
     assert manifest["scorers"] and "checked at export" in manifest["scorers"][0]
     keys = _artifact_keys(tstate.state_details.flow_run_id)
     assert {"tagging-summary", "tagging-progress", "label-rates"} <= keys

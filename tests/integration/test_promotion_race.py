@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ import pytest
 from multitag import registry
 from multitag.storage import join, read_bytes
 from multitag.training.thresholds import ThresholdSet
+from tests.local_servers import moto_server
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = ["a", "b"]
@@ -149,32 +149,22 @@ def test_two_processes_racing_on_local_disk(tmp_path: Path, monkeypatch: pytest.
     run_rounds(str(tmp_path / "home"), tmp_path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def s3_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    with moto_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         s3fs.S3FileSystem.clear_instance_cache()
         bucket = f"multitag-{uuid.uuid4().hex[:12]}"
         s3fs.S3FileSystem().mkdir(bucket)
-        yield f"s3://{bucket}/home"
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+        try:
+            yield f"s3://{bucket}/home"
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.mark.slow

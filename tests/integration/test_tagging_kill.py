@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from multitag.tagging import list_images, validate_tags_table
+from tests.local_servers import free_port
 from tests.tag_runs import manifests
 from tests.tagging_helpers import TinyModel, read_tags, register_tiny_model, write_images
 
@@ -33,12 +33,6 @@ pytestmark = pytest.mark.slow  # trains a model, starts a server and processes t
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 400
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ creates (If-None-Match) for claim files and shards, and pyarrow reading the resu
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from multitag.config import TagParams
 from multitag.inference.faults import TransientReadError
 from multitag.storage import write_bytes_atomic
 from multitag.tagging import claims, list_images, plan_run, shards, tag_shard, validate_tags_table
+from tests.local_servers import moto_server
 from tests.s3_faults import FaultProxy, Request, expired_token, reset, s3_error
 from tests.tag_runs import run_tag_flow, summary_from_dict
 from tests.tagging_helpers import (
@@ -35,23 +35,10 @@ from tests.tagging_helpers import (
 pytestmark = pytest.mark.slow  # a model to train and an S3 server to start
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
