@@ -77,30 +77,24 @@ def compile_bf16(
         import torch.utils.cpp_extension
     finally:
         cpp_log.setLevel(level)
-    import torch._inductor
-
     module = _uint8_bf16_module(model, mean, std)
     batch = torch.export.Dim("batch", min=1, max=65536)
     example = torch.zeros(2, img_size, img_size, 3, dtype=torch.uint8)
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs={"freezing": True}
-        )
+        torch_compat.aoti_compile_and_package(program, str(path), freezing=True)
     return compiled_isa_flags()
 
 
 class PackageRunner:
-    """A package run by torch's public loader (`torch._inductor.aoti_load_package`).
+    """A package run by torch's own loader (`aoti_load_package`, via multitag._compat.torch).
 
     Imports torch and inductor, and holds the GIL for the forward pass; used where the ctypes
     driver is not verified for the installed torch (multitag._compat.torch).
     """
 
     def __init__(self, path: Path) -> None:
-        import torch._inductor
-
-        self._model = torch._inductor.aoti_load_package(str(path))
+        self._model = torch_compat.aoti_load_package(str(path))
 
     def run(self, x: np.ndarray) -> np.ndarray:
         import torch
