@@ -205,7 +205,7 @@ def _probe_exclusive_create(root_uri: str) -> bool:
 def _write_local_atomic(path: str, data: bytes, *, exclusive: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -223,7 +223,7 @@ def _write_local_atomic(path: str, data: bytes, *, exclusive: bool) -> None:
 TEMP_PREFIX = ".tmp-"
 
 
-def _temp_prefix() -> str:
+def temp_prefix() -> str:
     """`.tmp-<pid>-<host>-`: lets a later run tell a dead writer's leftovers from a live one's."""
     return f"{TEMP_PREFIX}{os.getpid()}-{socket.gethostname()}-"
 
@@ -231,21 +231,19 @@ def _temp_prefix() -> str:
 def remove_stale_temp_files(folder_uri: str, *, max_age_s: float = 86_400.0) -> list[str]:
     """Delete temp files that a killed writer left in a local folder; returns what was removed.
 
-    A SIGKILL between the temp write and the rename leaves `.tmp-*` behind. A file is stale
-    when its writer (pid on this host) is gone, or, for other hosts sharing the folder, when
-    it is older than `max_age_s`. Object stores need nothing: an unfinished PUT leaves no
-    object. Live writers' temp files are never touched.
+    A SIGKILL between the temp write and the rename leaves `.tmp-*` behind (`temp_is_stale`
+    says which are). Object stores need nothing: an unfinished PUT leaves no object. Live
+    writers' temp files are never touched.
     """
     fs, path = fs_and_path(folder_uri)
     if not is_local_fs(fs) or not os.path.isdir(path):
         return []
     removed = []
-    host, now = socket.gethostname(), time.time()
     for entry in os.scandir(path):
         if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
             continue
-        old = now - entry.stat(follow_symlinks=False).st_mtime >= max_age_s
-        if not old and not _temp_writer_dead(entry.name, host):
+        mtime = entry.stat(follow_symlinks=False).st_mtime
+        if not temp_is_stale(entry.name, mtime, max_age_s=max_age_s):
             continue
         try:
             os.unlink(entry.path)
@@ -253,6 +251,18 @@ def remove_stale_temp_files(folder_uri: str, *, max_age_s: float = 86_400.0) -> 
             continue  # another cleaner or the writer itself got there first
         removed.append(entry.path)
     return removed
+
+
+def temp_is_stale(name: str, mtime: float, *, max_age_s: float = 86_400.0) -> bool:
+    """Whether a `temp_prefix()` file or folder was left by a writer that is gone.
+
+    On this host: its pid is gone (a live writer's is never stale, however old). From another
+    host sharing the folder, or a name we cannot parse: older than `max_age_s`.
+    """
+    pid, owner_host = _temp_owner(name)
+    if pid is not None and owner_host == socket.gethostname():
+        return not pid_alive(pid)
+    return time.time() - mtime >= max_age_s
 
 
 def _temp_owner(name: str) -> tuple[int | None, str | None]:
@@ -264,18 +274,15 @@ def _temp_owner(name: str) -> tuple[int | None, str | None]:
     return int(pid_text), host
 
 
-def _temp_writer_dead(name: str, host: str) -> bool:
-    """True only when we can tell: the writer ran on this host and its pid is gone."""
-    pid, owner_host = _temp_owner(name)
-    if pid is None or owner_host != host:
-        return False
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists on this host (perhaps another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:
-        return False  # exists, owned by another user
-    return False
+        return True  # exists, owned by another user
+    return True
 
 
 def write_json_atomic(uri: str, obj: Any, *, exclusive: bool = False) -> None:

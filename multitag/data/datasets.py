@@ -68,7 +68,7 @@ from multitag.data.cache import (
 )
 from multitag.data.packing import pack_dataset
 from multitag.hashing import sha256_bytes, sha256_file
-from multitag.storage import fs_and_path, is_local, publish_folder, write_bytes_atomic
+from multitag.storage import fs_and_path, is_local, publish_folder, temp_prefix, write_bytes_atomic
 
 if TYPE_CHECKING:  # re-exported lazily by __getattr__ below
     from multitag.data.shapes import SHAPE_CLASSES, make_shapes_dataset
@@ -217,7 +217,7 @@ def _install(
         discard_archive(cache)
         raise
     cache.staging_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=extraction.extraction_prefix(), dir=cache.staging_dir))
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=cache.staging_dir))
     try:
         extracted = extraction.extract_archive(source.url, archive, staging)
         try:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tarfile
 import zipfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 from multitag.data.archives import READ_ERRORS, DatasetError, archive_stem, is_zip
-from multitag.storage import TEMP_PREFIX
+from multitag.storage import TEMP_PREFIX, temp_is_stale
 
 
 def extract_archive(url: str, archive: Path, staging: Path) -> Path:
@@ -55,40 +53,19 @@ def _extract_zip(archive: Path, out: Path) -> None:
         os.chmod(folder, 0o755)
 
 
-def extraction_prefix() -> str:
-    return f"{TEMP_PREFIX}{os.getpid()}-{socket.gethostname()}-"
-
-
 def remove_dead_extractions(staging_root: Path, *, max_age_s: float = 86_400.0) -> list[Path]:
     """Delete extraction folders of any dataset whose extractor was killed; returns them.
 
     Why not only under the lock: a run killed while extracting one dataset would otherwise
     leave up to the whole archive's size on disk until that same dataset is acquired again.
-    A folder is dead when its pid is gone on this host (or, from another host sharing the
-    cache, when it is older than `max_age_s`); a live extractor's folder is never touched.
+    Dead is `storage.temp_is_stale` (the rule for temp files): a live extractor's folder is
+    never touched.
     """
     removed: list[Path] = []
-    host, now = socket.gethostname(), datetime.now(UTC).timestamp()
     for folder in staging_root.glob(f"*/{TEMP_PREFIX}*"):
-        pid_text, _, rest = folder.name[len(TEMP_PREFIX) :].partition("-")
-        owner_host = rest.rpartition("-")[0]
-        if not pid_text.isdigit() or not folder.is_dir() or folder.is_symlink():
+        if not folder.is_dir() or folder.is_symlink():
             continue
-        if owner_host == host:
-            dead = not _pid_alive(int(pid_text))
-        else:
-            dead = now - folder.stat().st_mtime >= max_age_s
-        if dead:
+        if temp_is_stale(folder.name, folder.stat().st_mtime, max_age_s=max_age_s):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True

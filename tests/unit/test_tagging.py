@@ -667,7 +667,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
     assert remove_stale_temp_files(str(tmp_path)) == [str(other_host)]
     from multitag import storage
 
-    assert storage._temp_prefix() == f".tmp-{os.getpid()}-{host}-"  # what writers leave behind
+    assert storage.temp_prefix() == f".tmp-{os.getpid()}-{host}-"  # what writers leave behind
 
 
 def test_rows_to_table_nulls_on_error() -> None:
