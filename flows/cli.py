@@ -220,7 +220,7 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", help="output root (default MULTITAG_HOME/tags)")
-    p.add_argument("--model", dest="model_version", metavar="VERSION")
+    p.add_argument("--model", dest="model", metavar="VERSION")
     p.add_argument("--name", dest="dataset_name", help="dataset name under OUT")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--shard-size", type=int)
@@ -274,7 +274,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     names = (
         "source",
         "out",
-        "model_version",
+        "model",
         "dataset_name",
         "batch_size",
         "shard_size",

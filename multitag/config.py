@@ -222,7 +222,10 @@ class TagParams(BaseModel):
         None, description="Output root for Parquet; default MULTITAG_HOME/tags."
     )
     dataset_name: str | None = Field(None, description="Name under out/; default from the source.")
-    model_version: str | None = Field(None, description="Registry version; default the champion.")
+    model: str | None = Field(
+        None,
+        description="Model to tag with: a registry version; default the champion.",
+    )
     batch_size: int = Field(64, ge=1, le=4096)
     shard_size: int = Field(
         1000, ge=1, le=1_000_000, description="Images per Parquet shard (one task each)."

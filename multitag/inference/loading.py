@@ -62,7 +62,7 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
     unpickled and fastai is not imported (seconds per process on a small CPU). Otherwise the
     full load.
     """
-    meta = load_metadata(params.home, model_version or params.model_version)
+    meta = load_metadata(params.home, model_version or params.model)
     spec = InferenceSpec.from_dict(meta.inference)
     record, why = _export_record(meta, params)
     chosen = (
@@ -257,9 +257,7 @@ def sample_images(
 
 def tagger_for(params: TagParams, model_version: str) -> Tagger:
     """`load_tagger`, cached per process: every shard task on a worker reuses one model."""
-    key = params.model_copy(
-        update={"model_version": model_version, "home": params.home or default_home()}
-    )
+    key = params.model_copy(update={"model": model_version, "home": params.home or default_home()})
     # A thresholds file edited between two runs in one process must not reuse the tagger
     # built from its old contents: its sha256 is part of the key (the path alone is not).
     content = sha256_uri(params.thresholds_file) if params.thresholds_file else ""
@@ -269,7 +267,7 @@ def tagger_for(params: TagParams, model_version: str) -> Tagger:
 _TAGGER_FIELDS = {
     "source",  # [fastpath] precision auto samples it when a model's fast path is unchecked
     "home",
-    "model_version",
+    "model",
     "device",
     "precision",
     "batch_size",
@@ -316,4 +314,4 @@ def _cached_tagger(key_json: str, thresholds_sha256: str = "") -> Tagger:
     """`thresholds_sha256` only keys the cache (see `tagger_for`)."""
     fields = json.loads(key_json)
     params = TagParams(**fields)
-    return load_tagger(params, fields["model_version"])
+    return load_tagger(params, fields["model"])

@@ -81,15 +81,15 @@ class RunPlan:
 
 
 def resolve_model_version(params: TagParams) -> str:
-    """The version to tag with: params.model_version, else the registry champion."""
-    if params.model_version:
-        uri = join(registry.version_uri(params.home, params.model_version), registry.SUMS_FILE)
+    """The version to tag with: params.model, else the registry champion."""
+    if params.model:
+        uri = join(registry.version_uri(params.home, params.model), registry.SUMS_FILE)
         if not exists(uri):
             raise registry.VersionNotFoundError(
-                f"model version {params.model_version} is not a complete version under "
+                f"model version {params.model} is not a complete version under "
                 f"{registry.models_uri(params.home)} (`multitag models list` shows them)"
             )
-        return params.model_version
+        return params.model
     champion = registry.get_champion(params.home)
     if champion is None:
         raise registry.NoChampionError(

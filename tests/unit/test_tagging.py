@@ -274,7 +274,7 @@ def test_model_version_writes_its_own_partition(tiny: TinyModel, tmp_path: Path)
     write_images(src, 12)
     champion = run_tag_flow(params_for(tiny, src, out))
     other = tiny.register_copy(f"copy-{os.getpid()}")
-    second = run_tag_flow(params_for(tiny, src, out, model_version=other))
+    second = run_tag_flow(params_for(tiny, src, out, model=other))
     assert second.tagged == 12 and second.skipped == 0  # a different partition: all new
     assert champion.output_uri != second.output_uri
     assert second.output_uri.endswith(f"model={other}")
@@ -287,7 +287,7 @@ def test_unknown_model_version_is_a_clear_error(tiny: TinyModel, tmp_path: Path)
 
     write_images(tmp_path / "src", 2)
     with pytest.raises(VersionNotFoundError, match="models list"):
-        run_tag_flow(params_for(tiny, tmp_path / "src", tmp_path / "out", model_version="nope"))
+        run_tag_flow(params_for(tiny, tmp_path / "src", tmp_path / "out", model="nope"))
 
 
 @uses_flow
