@@ -35,8 +35,8 @@ SECTION = "## Memory: peak RSS vs image count"
 LIBRARY = "tag_images from Python"
 LIBRARY_RUN = (
     "import sys; from multitag.runtime import configure_cpu_runtime; configure_cpu_runtime(); "
-    "from multitag.config import TagParams; from flows.tag import tag_images; "
-    "s = tag_images(TagParams(source=sys.argv[1], out=sys.argv[2])); "
+    "from flows.tag import tag_images; "
+    "s = tag_images(source=sys.argv[1], out=sys.argv[2]); "
     "print(s['tagged'], s['failed'])"
 )
 

@@ -17,7 +17,6 @@ from flows.tag import tag_images
 from multitag.config import (
     DemoParams,
     RetrainParams,
-    TagParams,
     ThresholdParams,
     get_settings,
     shapes_train_params,
@@ -49,7 +48,7 @@ def demo(params: DemoParams) -> dict[str, Any]:
         RetrainParams(data=archive, train=train, thresholds=ThresholdParams(), home=home)
     )
     test_dir = str(Path(trained["dataset_dir"]) / "test")
-    tagged = tag_images(TagParams(source=test_dir, dataset_name="shapes-test", home=home))
+    tagged = tag_images(source=test_dir, dataset_name="shapes-test", home=home)
     get_run_logger().info(
         "demo finished: model %s, %s images tagged", trained["version"], tagged["tagged"]
     )
@@ -63,7 +62,10 @@ def print_demo_summary(result: dict[str, Any]) -> None:
     r, t = result["retrain"], result["tag"]
     models = join(result["home"], "models", r["version"])
     print("\n=== multitag demo ===")
-    status = "champion" if r["decision"].get("promoted") else "not promoted"
+    if r.get("reused"):  # a rerun on the same data: "no new data", the version is reused
+        status = f"reused: {r['decision'].get('reason')}"
+    else:
+        status = "champion" if r["decision"].get("promoted") else "not promoted"
     print(f"model      : {r['version']} ({status})")
     print(f"report     : {join(models, 'report.md')}")
     print(f"tags       : {t['output']}  ({t['tagged']} tagged, {t['failed']} failed)")

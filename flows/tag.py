@@ -15,20 +15,28 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from pydantic import ValidationError
 
 from multitag import tagging
 from multitag.config import TagParams
-from multitag.errors import RunFailedError
+from multitag.errors import InputError, RunFailedError
 from multitag.inference import tagger
+from tasks import artifacts
+from tasks.artifacts import (
+    ProgressArtifact,
+    TaggingProgress,
+    add_run_tags,
+    dataset_key,
+    route_library_logs,
+)
 from tasks.tagging import plan_tagging, resolve_model, tag_shard, write_manifest
 
 
@@ -85,10 +93,9 @@ def dask_runner_for(params: TagParams) -> Any:
 
 def _tag_run_name() -> str:
     """`tag-<dataset>`: the source's last path part, not a whole URI, heads the UI page."""
-    params = flow_run.parameters.get("params") or {}
-    source = params.get("source", "") if isinstance(params, dict) else params.source
-    name = params.get("dataset_name") if isinstance(params, dict) else params.dataset_name
-    return f"tag-{name or tagging.default_dataset_name(source)}"
+    params = flow_run.parameters
+    name = params.get("dataset_name")
+    return f"tag-{name or tagging.default_dataset_name(str(params.get('source') or ''))}"
 
 
 @flow(name="tag-shards", flow_run_name="tag-shards-{run_id}")
@@ -107,10 +114,17 @@ def _tag_all(
     """
     logger = get_run_logger()
     plan = plan_tagging(params, model_version, run_id)
-    # Called from a sync flow, Prefect's async-compatible function returns the id itself.
-    progress: Any = create_progress_artifact(
-        progress=0.0, key="tagging-progress", description=f"shards of run {run_id}"
+    # Moved per batch by this process's shard tasks, sent at most every PROGRESS_INTERVAL_S.
+    progress = TaggingProgress(
+        run_id,
+        plan.n_pending,
+        ProgressArtifact(
+            dataset_key("tagging-progress", plan.dataset),
+            f"images of run {run_id} ({plan.n_pending} to tag)",
+        ),
     )
+    # Shards on Dask run in other processes: wait for whole shards, not on a clock.
+    wait_s = None if max_in_flight is None else artifacts.PROGRESS_INTERVAL_S
     delays = [float(d) for d in params.shard_retry_delays_s]
     shard_task = tag_shard.with_options(
         timeout_seconds=params.shard_timeout_s,
@@ -123,7 +137,6 @@ def _tag_all(
     pending: set[Any] = set()
     results: list[tagging.ShardResult] = []
     first_error: Exception | None = None
-    done_images, total = 0, max(plan.n_pending, 1)
     while True:
         # After a shard failed for good (its retries spent), start no more: the cause (expired
         # credentials, a broken model) would fail them too, each after its own retries.
@@ -133,7 +146,11 @@ def _tag_all(
             pending.add(shard_task.submit(spec, params, run_id))
         if not pending:
             break
-        fut: Any = next(as_completed(list(pending)))
+        try:
+            fut: Any = next(as_completed(list(pending), timeout=wait_s))
+        except TimeoutError:  # no shard finished meanwhile: show the batches done so far
+            progress.publish()
+            continue
         pending.discard(fut)
         try:
             res = fut.result()
@@ -141,10 +158,11 @@ def _tag_all(
             first_error = first_error or e
             continue
         results.append(res)
-        done_images += res.n_images
-        pct = 100.0 * done_images / total
-        update_progress_artifact(artifact_id=progress, progress=pct)
-        _print_progress(done_images, plan.n_pending, time.perf_counter() - t0)
+        progress.shard_finished(res.shard_id, res.n_images)
+        progress.publish()
+        _print_progress(progress.done, plan.n_pending, time.perf_counter() - t0)
+    progress.close()
+    progress.publish(force=True)
     error = None if first_error is None else f"{type(first_error).__name__}: {first_error}"
     summary = write_manifest(plan, results, time.perf_counter() - t0, error)
     if first_error is not None:
@@ -205,12 +223,78 @@ def _shards_stop_on_sigterm() -> Iterator[None]:
             signal.signal(signal.SIGTERM, prefect_handler)
 
 
+def tag_params(**values: Any) -> TagParams:
+    """The flow's flat parameters as the one `TagParams` the tasks take.
+
+    Why an `InputError`: a value the signature's types accept can still break a rule of the
+    model (a batch size of 0, both operating points); the run then fails at once, naming the
+    field, and the CLI exits 2 as for any unusable input.
+    """
+    try:
+        return TagParams.model_validate(values)
+    except ValidationError as e:
+        raise InputError(f"bad tag-images parameters:\n{e}") from None
+
+
 @flow(name="tag-images", flow_run_name=_tag_run_name, log_prints=True)
-def tag_images(params: TagParams) -> dict[str, Any]:
-    """Tag every image under params.source exactly once per model version."""
+def tag_images(
+    source: str,
+    out: str | None = None,
+    dataset_name: str | None = None,
+    model: str | None = None,
+    batch_size: int = 64,
+    shard_size: int = 1000,
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto",
+    max_concurrency: int = 1,
+    shard_timeout_s: float = 3600,
+    shard_retry_delays_s: Sequence[float] = (5.0, 30.0, 120.0),
+    dask_address: str | None = None,
+    dask_local_workers: int | None = None,
+    home: str | None = None,
+    retry_errors: bool = False,
+    single_writer: bool = False,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    decode_workers: int | None = None,
+    max_pixels: int | None = 89_478_485,
+    max_bytes: int | None = 100 * 2**20,
+    min_precision: float | None = None,
+    thresholds_file: str | None = None,
+) -> dict[str, Any]:
+    """Tag every image under `source` exactly once per model version.
+
+    Flat parameters, one per `TagParams` field with its name and default (a unit test holds
+    them equal), so `prefect deployment run tag-images/... --param source=s3://...`, the UI's
+    form and a trigger's templates (`model: "{{ event.payload.version }}"`) each set one
+    field. Python callers with a `TagParams` call `tag_images(**params.model_dump())`.
+    """
     _quiet_worker_thread_timeout_warning()
-    params = params.with_home_resolved()
+    route_library_logs()
+    params = tag_params(
+        source=source,
+        out=out,
+        dataset_name=dataset_name,
+        model=model,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        precision=precision,
+        max_concurrency=max_concurrency,
+        shard_timeout_s=shard_timeout_s,
+        shard_retry_delays_s=list(shard_retry_delays_s),
+        dask_address=dask_address,
+        dask_local_workers=dask_local_workers,
+        home=home,
+        retry_errors=retry_errors,
+        single_writer=single_writer,
+        device=device,
+        decode_workers=decode_workers,
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        min_precision=min_precision,
+        thresholds_file=thresholds_file,
+    ).with_home_resolved()
     version = resolve_model(params)
+    dataset = params.dataset_name or tagging.default_dataset_name(params.source)
+    add_run_tags(f"model:{version}", f"dataset:{dataset}")
     run_id = tagging.new_run_id()
     if params.on_dask:
         runner = dask_runner_for(params)
@@ -230,3 +314,12 @@ def tag_images(params: TagParams) -> dict[str, Any]:
         "drift_flagged": summary["drift"]["flagged"],
         "scorers": summary.get("scorers", []),
     }
+
+
+def tag_images_with(params: TagParams, **options: Any) -> Any:
+    """`tag_images` on a `TagParams`, its fields as the flow's flat parameters.
+
+    For callers that hold the validated model (the CLI's `_run_flow(command, flow, params)`);
+    `options` are the flow call's own (`return_state=True`).
+    """
+    return tag_images(**params.model_dump(), **options)

@@ -157,12 +157,19 @@ class RetrainParams(BaseModel):
     data: str = Field(
         PASCAL_2007_URL,
         description="Dataset archive URL, local archive, or folder "
-        "in the PASCAL_2007 layout (train/, train.csv).",
+        "in the PASCAL_2007 layout (train/, train.csv); any fsspec URL works too "
+        "(s3://bucket/prefix/ folder or archive), pulled into the local cache by content.",
     )
     data_sha256: str | None = Field(
         None,
         pattern=r"^[0-9A-Fa-f]{64}$",
         description="sha256 of the dataset archive, checked before it is extracted.",
+    )
+    retrain_unchanged: bool = Field(
+        False,
+        description="Train even when a registered version was already trained on the same "
+        "dataset content with the same training and threshold parameters (by default such a "
+        "run says 'no new data' and returns that version without training).",
     )
     train: TrainParams = Field(default_factory=TrainParams)
     thresholds: ThresholdParams = Field(default_factory=ThresholdParams)
@@ -184,6 +191,20 @@ class RetrainParams(BaseModel):
         "checked against fp32 at export and recorded with the model; 0: no fast path "
         "(tagging then checks one on its own images).",
     )
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Model name the new version is registered under (its champion is chosen "
+        "among that name's versions only, of the same vocabulary); default the dataset's name.",
+    )
+
+    @field_validator("model_name")
+    @classmethod
+    def _plain_model_name(cls, value: str | None) -> str | None:
+        # A name becomes a registry folder (models/_champion/<name>/) beside its .json files.
+        if value is not None and (".." in value or value.endswith(".json")):
+            raise ValueError(f"model_name {value!r} must not contain '..' nor end in '.json'")
+        return value
 
 
 class TagParams(BaseModel):
@@ -224,7 +245,8 @@ class TagParams(BaseModel):
     dataset_name: str | None = Field(None, description="Name under out/; default from the source.")
     model: str | None = Field(
         None,
-        description="Model to tag with: a registry version; default the champion.",
+        description="Model to tag with: VERSION, NAME (that model name's champion) or "
+        "NAME@VERSION; default the champion, when exactly one model name has one.",
     )
     batch_size: int = Field(64, ge=1, le=4096)
     shard_size: int = Field(

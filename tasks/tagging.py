@@ -13,7 +13,15 @@ from multitag.errors import InputError
 from multitag.inference.faults import TransientReadError, UnreadableImageError
 from multitag.inference.sources import local_path
 from multitag.registry import RegistryError
-from tasks.artifacts import fmt, publish_link, publish_markdown, publish_table
+from tasks import events
+from tasks.artifacts import (
+    batch_callback,
+    dataset_key,
+    fmt,
+    publish_location,
+    publish_markdown,
+    publish_table,
+)
 
 
 class SourceNotFoundError(InputError, FileNotFoundError):
@@ -121,7 +129,8 @@ def tag_shard(spec: tagging.ShardSpec, params: TagParams, run_id: str) -> taggin
     The flow sets its timeout (`params.shard_timeout_s`) with `with_options`.
     """
     tagger = tagging.tagger_for(params, spec.model_version)
-    return tagging.tag_shard(spec, tagger, run_id=run_id)
+    on_batch = batch_callback(run_id, spec.shard_id)  # the run's progress bar, per batch
+    return tagging.tag_shard(spec, tagger, run_id=run_id, on_batch=on_batch)
 
 
 @task(name="write-manifest", retries=2, retry_delay_seconds=[2, 10])
@@ -132,14 +141,39 @@ def write_manifest(
     summary = tagging.summarize_run(plan, results, tag_s=tag_s, error=error)
     tagging.write_manifest(summary)
     publish_markdown(
-        "tagging-summary",
+        dataset_key("tagging-summary", summary.dataset),
         _summary_markdown(summary),
         f"tagging run {summary.run_id}: counts, speed, label rates and drift",
     )
-    publish_table("label-rates", _rate_rows(summary), "label rates vs training prevalence")
-    if summary.output_uri.startswith(("s3://", "gs://", "http")):
-        publish_link("tags-output", summary.output_uri, summary.output_uri, "Parquet output")
-    return summary.to_dict()
+    publish_table(
+        dataset_key("label-rates", summary.dataset),
+        _rate_rows(summary),
+        "label rates vs training prevalence",
+    )
+    publish_location(
+        dataset_key("tags-output", summary.dataset),
+        summary.output_uri,
+        f"Parquet output of model {summary.model_version}",
+        folder=True,
+    )
+    publish_location(
+        dataset_key("tagging-manifest", summary.dataset),
+        summary.manifest_uri,
+        f"manifest of run {summary.run_id}",
+        folder=False,
+    )
+    record = summary.to_dict()
+    _announce(record)
+    return record
+
+
+def _announce(record: dict[str, Any]) -> None:
+    """`multitag.tagging.completed` for a run without a failed shard; `multitag.drift.flagged`
+    whenever the tagged images' label rates drifted (a partial run's images are still facts)."""
+    if record["error"] is None:
+        events.emit_tagging_completed(record)
+    if record["drift"]["flagged"]:
+        events.emit_drift_flagged(record)
 
 
 def _rate_rows(summary: tagging.TagSummary) -> list[dict[str, Any]]:

@@ -20,10 +20,10 @@ from multitag.tagging import TagSummary
 
 
 def run_tag_flow(params: TagParams) -> TagSummary:
-    """`tag_images(params)` to completion; raises what the flow raised."""
+    """`tag_images(**params.model_dump())` to completion; raises what the flow raised."""
     from flows.tag import tag_images
 
-    result = tag_images(params)
+    result = tag_images(**params.model_dump())
     return read_summary(result["manifest"])
 
 

@@ -2,13 +2,17 @@
 
 Why a manifest: a cached folder is only returned as it is when it was made by a complete
 extraction of the same source (URL, archive sha256, a local archive's size and mtime) and
-still holds every file at its recorded size; anything else is rebuilt, not trusted.
+still holds every file at its recorded size; anything else is rebuilt, not trusted. A pull
+from an fsspec store (`multitag.data.remote`) records its listing key and each file's size
+and ETag instead, and the URL's last pull is remembered (`record_last_pull`) so the next
+changed listing can reuse the files that did not change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from multitag.data.archives import archive_name
-from multitag.hashing import sha256_file
+from multitag.hashing import sha256_bytes, sha256_file
 from multitag.storage import read_json, write_json_atomic
 
 try:
@@ -28,13 +32,14 @@ except ImportError:  # Windows: no advisory locks, one process per cache is assu
 MANIFEST_NAME = ".multitag-manifest.json"
 _MANIFEST_FORMAT = "multitag-dataset/1"
 CACHE_DIR = ".fastai"
+_KEY_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # a cache folder name, never a path
 
 
 @dataclass(frozen=True)
 class Source:
     """Where an archive comes from."""
 
-    url: str  # what untar_data fetches: http(s):// or file://
+    url: str  # what untar_data fetches (http(s):// or file://), or an fsspec URL (s3://...)
     local: Path | None  # the file behind a file:// URL, to notice when it changes
 
 
@@ -172,19 +177,101 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def write_manifest(folder: Path, source: Source, archive: Path, digest: str) -> None:
+def write_manifest(
+    folder: Path,
+    source: Source,
+    archive: Path | None,
+    digest: str | None,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Written last into a complete folder; `archive` None for a folder pulled file by file.
+
+    `extra`: a remote source's listing key and per-file (size, tag), which the next pull of
+    the same URL reads to reuse unchanged files.
+    """
     files = _file_sizes(folder)
     write_json_atomic(
         str(folder / MANIFEST_NAME),
         {
             "format": _MANIFEST_FORMAT,
             "url": source.url,
-            "archive": archive.name,
+            "archive": archive.name if archive else None,
             "archive_sha256": digest,
             "source_stat": _stat_of(source.local) if source.local else None,
             "extracted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "n_files": len(files),
             "total_bytes": sum(files.values()),
             "files": files,
+            **(extra or {}),
         },
     )
+
+
+def listing_problem(
+    target: Path, manifest: dict[str, Any] | None, listing_sha256: str
+) -> str | None:
+    """What is wrong with a cached pull of a remote source (None: it can be used as it is).
+
+    The folder is keyed by the listing key already; checking it again here guards a folder
+    renamed by hand, and the sizes guard against damage, as for archives.
+    """
+    if manifest is None:
+        return f"has no valid {MANIFEST_NAME} (interrupted, or not made by acquire)"
+    if manifest.get("listing_sha256") != listing_sha256:
+        return "was pulled from another listing of its source"
+    damage = _damage(target, manifest["files"])
+    return f"is damaged: {damage}" if damage else None
+
+
+def last_pull_file(root: Path, url: str) -> Path:
+    """Where the cache key of the last pull of a remote URL is kept (keyed by the URL)."""
+    return root / CACHE_DIR / "pulls" / f"{sha256_bytes(url.encode('utf-8'))[:16]}.json"
+
+
+def last_pull(root: Path, url: str) -> Path | None:
+    """The folder of the last complete pull of `url`, if it is still there."""
+    try:
+        key = read_json(str(last_pull_file(root, url))).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    folder = root / key if isinstance(key, str) and _KEY_RE.fullmatch(key) else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def record_last_pull(root: Path, url: str, key: str) -> str | None:
+    """Remember `key` as the newest pull of `url`: the next changed listing reuses its files.
+
+    Returns the pull before the one this replaces (None if none, or still current): the
+    caller removes it, so each URL keeps at most its two newest pulls on disk (the newest,
+    and the one a run that started before it may still be reading).
+    """
+    last = last_pull_file(root, url)
+    try:
+        before = read_json(str(last))
+    except (OSError, ValueError):
+        before = {}
+    if not isinstance(before, dict):
+        before = {}
+    if before.get("key") == key:
+        return None
+    previous = before.get("key")
+    last.parent.mkdir(parents=True, exist_ok=True)
+    pulled_at = datetime.now(UTC).isoformat(timespec="seconds")
+    record = {"url": url, "key": key, "previous": previous, "pulled_at": pulled_at}
+    write_json_atomic(str(last), record)
+    stale = before.get("previous")
+    ok = isinstance(stale, str) and _KEY_RE.fullmatch(stale) and stale not in (key, previous)
+    return stale if ok else None
+
+
+def remove_pull(cache: DatasetCache) -> None:
+    """Remove an old pull under its lock: renamed into staging first, so a reader never sees a
+    half-deleted dataset folder under its published name."""
+    with locked(cache.lock):
+        if not cache.target.is_dir():
+            return
+        cache.staging_dir.mkdir(parents=True, exist_ok=True)
+        aside = cache.staging_dir / f"removed-{os.getpid()}"
+        os.rename(cache.target, aside)
+        shutil.rmtree(cache.staging_dir, ignore_errors=True)

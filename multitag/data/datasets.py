@@ -18,11 +18,20 @@ Only a complete extraction with the expected layout is renamed into place, with 
 (file sizes + archive sha256) that the next cache hit checks, so damage is noticed instead of
 trusted.
 
+Any other fsspec URL (`s3://bucket/prefix/`, `gs://...`) is listed first (`remote`): a
+folder (train.csv + train/) is pulled file by file, an archive downloaded, into a cache
+folder named by the listing's content key, so an unchanged listing costs one LIST and no
+GET, and a changed one downloads only the files whose size or ETag changed.
+
 Modules: `archives` (the safety check and limits), `extraction` (into a temp folder),
-`cache` (layout, lock, manifest), `packing` (`pack_dataset`); this one fetches and installs.
+`cache` (layout, lock, manifest), `remote` (listing and pulling from an fsspec store),
+`packing` (`pack_dataset`); this one fetches and installs.
 
 Cache layout under `<home>/datasets/` (local disks only):
-    <stem>-<hash>/                 the dataset, what `acquire` returns (hash of the URL)
+    <stem>-<hash>/                 the dataset, what `acquire` returns (hash of the URL;
+                                   for an fsspec store, of the listing: see `remote`)
+    .fastai/pulls/<url hash>.json  an fsspec URL's last pull, whose unchanged files the
+                                   next pull links instead of downloading
     .fastai/config.ini             fastdownload's config (paths are overridden on every call)
     .fastai/archives/<key>/        the kept archive, for repairs without a download
     .fastai/staging/<key>/.tmp-<pid>-<host>-*/  temporary extraction, removed when done
@@ -44,7 +53,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from multitag.config import get_settings
-from multitag.data import archives, extraction
+from multitag.data import archives, extraction, remote
 from multitag.data.archives import (
     ArchiveLimits,
     ArchiveTooLargeError,
@@ -61,9 +70,13 @@ from multitag.data.cache import (
     cache_problem,
     discard_archive,
     kept_archive_matches,
+    last_pull,
+    listing_problem,
     locked,
     read_manifest,
+    record_last_pull,
     remove_leftovers,
+    remove_pull,
     write_manifest,
 )
 from multitag.data.packing import pack_dataset
@@ -116,12 +129,15 @@ def acquire(
 ) -> Path:
     """The folder of a PASCAL-layout dataset (train/, train.csv), fetched and cached if needed.
 
-    `url`: http(s):// or file:// URL of an archive, a local archive path, or a local folder
-    (checked for the layout and returned as it is). Archives are cached under
+    `url`: http(s):// or file:// URL of an archive, a local archive path, a local folder
+    (checked for the layout and returned as it is), or any other fsspec URL of an archive or
+    of a dataset folder (`s3://bucket/prefix/`; see `_acquire_remote`). Archives are cached under
     `<home>/datasets/<stem>-<hash>`; `force` fetches and extracts again; `sha256` pins the
     archive's checksum (checked before the archive is even opened); `limits` bounds what it
     may expand to (default `ArchiveLimits.from_env()`).
     """
+    if remote.is_remote_url(os.fspath(url)):
+        return _acquire_remote(os.fspath(url).strip(), home, force, sha256, limits)
     source = _resolve_source(url)
     if isinstance(source, Path):
         return _check_layout(source, origin=os.fspath(url))
@@ -153,11 +169,6 @@ def _resolve_source(url: str | os.PathLike[str]) -> Source | Path:
         if parsed.netloc not in ("", "localhost"):
             raise DatasetError(f"{text}: file:// URLs must point to this machine (file:///path).")
         path = Path(url2pathname(parsed.path))
-    elif len(parsed.scheme) > 1:
-        raise DatasetError(
-            f"{text}: unsupported scheme {parsed.scheme!r}. Use an http(s):// or file:// URL "
-            "of an archive, a local archive path, or a local dataset folder."
-        )
     else:
         path = Path(text).expanduser()
     if path.is_dir():
@@ -205,6 +216,19 @@ def _install(
 ) -> Path:
     """Download (unless kept), check, extract into a temp folder, then rename into place."""
     archive = _download(source.url, cache, refetch=refetch)
+    return _install_archive(source, cache, archive, expected, limits)
+
+
+def _install_archive(
+    source: Source,
+    cache: DatasetCache,
+    archive: Path,
+    expected: str | None,
+    limits: ArchiveLimits,
+    *,
+    manifest_extra: dict[str, Any] | None = None,
+) -> Path:
+    """Check a downloaded archive, extract it into a temp folder, then rename into place."""
     try:
         digest = sha256_file(archive)  # first: a wrong archive is not even parsed
         if expected and digest != expected:
@@ -225,7 +249,7 @@ def _install(
         except DatasetError:
             discard_archive(cache)
             raise
-        write_manifest(extracted, source, archive, digest)
+        write_manifest(extracted, source, archive, digest, extra=manifest_extra)
         # The replaced folder is set aside in the staging folder, which is removed below (or
         # by a later acquire, if this one is killed).
         publish_folder(extracted, cache.target, aside=staging / "replaced")
@@ -233,6 +257,131 @@ def _install(
         shutil.rmtree(cache.staging_dir, ignore_errors=True)
     log.info("dataset %s: extracted to %s", source.url, cache.target)
     return cache.target
+
+
+def _acquire_remote(
+    url: str,
+    home: str | None,
+    force: bool,
+    sha256: str | None,
+    limits: ArchiveLimits | None,
+) -> Path:
+    """A dataset folder or archive on an fsspec store, pulled into the cache by content.
+
+    The cache folder is named by the listing key (`remote.cache_key`): an unchanged listing
+    is a cache hit without a GET; a changed one is pulled into a temp folder, reusing the
+    unchanged files of the URL's last pull, and renamed into place only when complete.
+    """
+    limits = limits or ArchiveLimits.from_env()
+    expected = _normalise_sha256(sha256)
+    root = _datasets_root(home)
+    listing = remote.list_remote(url, limits)
+    if not listing.is_archive:
+        _check_remote_layout(listing, sha256=expected)
+    cache = DatasetCache(root, remote.cache_key(listing))
+    extraction.remove_dead_extractions(cache.base / "staging")
+    with locked(cache.lock):
+        remove_leftovers(cache)
+        if force or not _cached_pull_usable(cache, listing):
+            _pull_into_cache(listing, cache, expected, limits, force=force)
+        stale = record_last_pull(root, listing.source_id, cache.key)
+    if stale:  # removed after our lock is released: an acquire holds one lock at a time
+        remove_pull(DatasetCache(root, stale))
+        log.info("dataset %s: removed the pull before the previous one (%s)", url, stale)
+    return cache.target
+
+
+def _cached_pull_usable(cache: DatasetCache, listing: remote.Listing) -> bool:
+    if not cache.target.exists():
+        return False
+    problem = listing_problem(cache.target, read_manifest(cache.target), listing.sha256)
+    if problem is None:
+        log.info("dataset %s: unchanged listing, cached at %s", listing.url, cache.target)
+        return True
+    log.warning("cached dataset %s %s; pulling it again", cache.target, problem)
+    return False
+
+
+def _pull_into_cache(
+    listing: remote.Listing,
+    cache: DatasetCache,
+    expected: str | None,
+    limits: ArchiveLimits,
+    *,
+    force: bool,
+) -> None:
+    """An archive is downloaded and extracted; a folder pulled, reusing its last pull's files."""
+    extra = {
+        "listing_sha256": listing.sha256,
+        "remote_files": {f.rel: [f.size, f.tag] for f in listing.files},
+    }
+    if listing.is_archive:
+        archive = _pull_archive(listing, cache, force=force)
+        source = Source(listing.url, None)
+        _install_archive(source, cache, archive, expected, limits, manifest_extra=extra)
+    else:
+        previous = None if force else last_pull(cache.root, listing.source_id)
+        _install_pulled_folder(listing, cache, previous, extra)
+
+
+def _check_remote_layout(listing: remote.Listing, *, sha256: str | None) -> None:
+    """Refuse a folder without the PASCAL layout before downloading any of it."""
+    if sha256 is not None:
+        raise DatasetError(
+            f"{listing.url} is a folder: sha256 pins an archive's bytes. Leave it out (the "
+            "folder's content hash is recorded with the model) or point at an archive.",
+            retryable=False,
+        )
+    rels = listing.by_rel()
+    missing = [
+        name
+        for name, ok in (
+            ("train/", any(rel.startswith("train/") for rel in rels)),
+            ("train.csv", "train.csv" in rels),
+        )
+        if not ok
+    ]
+    if missing:
+        raise DatasetError(
+            f"{listing.url} is not a dataset in the PASCAL_2007 layout: {' and '.join(missing)} "
+            "missing under it. Expected a prefix holding train/ (the images) and train.csv "
+            "(fname,labels,is_valid), or an archive. Nothing was downloaded."
+        )
+
+
+def _pull_archive(listing: remote.Listing, cache: DatasetCache, *, force: bool) -> Path:
+    """The archive of this listing: kept from an earlier pull when intact, else downloaded."""
+    (entry,) = listing.files
+    kept = cache.archive_dir / entry.rel
+    if kept.is_file() and not force:
+        try:
+            remote.check_download(listing.url, entry, kept)
+            return kept
+        except DatasetError:
+            log.warning("kept archive %s does not match its listing; downloading it", kept)
+    discard_archive(cache)
+    return remote.pull_file(listing, kept)
+
+
+def _install_pulled_folder(
+    listing: remote.Listing, cache: DatasetCache, previous: Path | None, extra: dict[str, Any]
+) -> None:
+    """Pull into a temp folder next to the cache, check the layout, then rename into place."""
+    cache.staging_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=cache.staging_dir))
+    try:
+        pulled = staging / "data"
+        stats = remote.pull_folder(listing, pulled, previous)
+        _check_layout(pulled, origin=listing.url)
+        write_manifest(pulled, Source(listing.url, None), None, None, extra=extra)
+        publish_folder(pulled, cache.target, aside=staging / "replaced")
+    finally:
+        shutil.rmtree(cache.staging_dir, ignore_errors=True)
+    log.info(
+        "dataset %s: %d file(s) downloaded (%d bytes), %d reused from %s; installed at %s",
+        listing.url, stats.downloaded, stats.bytes_downloaded, stats.reused, previous,
+        cache.target,
+    )  # fmt: skip
 
 
 def _fastdownload_args(cache: DatasetCache, data_rel: str) -> dict[str, str]:

@@ -46,15 +46,16 @@ def dataset_files(folder: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(folder):
         top = Path(dirpath) == folder
         if top:
-            dirnames[:] = [d for d in dirnames if not _ours(d)]
+            dirnames[:] = [d for d in dirnames if not is_ours(d)]
         for name in filenames:
-            if top and _ours(name):
+            if top and is_ours(name):
                 continue
             out.append(Path(dirpath, name).relative_to(folder).as_posix())
     return sorted(out)
 
 
-def _ours(name: str) -> bool:
+def is_ours(name: str) -> bool:
+    """A top-level name the data never has: ours (manifest, reports), or hidden."""
     return name.startswith((".", "_"))
 
 

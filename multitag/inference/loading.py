@@ -40,11 +40,12 @@ from multitag.inference.sources import list_images
 from multitag.inference.spec import InferenceSpec, ModelBaseline, spec_decoder
 from multitag.inference.tagger import Tagger
 from multitag.inference.torch_scorer import TorchScorer, bf16_scorer, torch_precision
-from multitag.registry import load_metadata, unpickle_model, verified_file
-from multitag.registry.layout import THRESHOLDS_FILE, version_uri
+from multitag.registry import load_metadata, resolve_model_ref, unpickle_model, verified_file
+from multitag.registry.layout import CALIBRATION_FILE, THRESHOLDS_FILE, version_uri
 from multitag.runtime import pick_device
 from multitag.storage import join, read_json
 from multitag.training import operating_point
+from multitag.training.calibration import Calibration, CalibrationError
 from multitag.training.threshold_set import ThresholdSet
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
     unpickled and fastai is not imported (seconds per process on a small CPU). Otherwise the
     full load.
     """
-    meta = load_metadata(params.home, model_version or params.model)
+    if model_version is None and params.model:  # NAME or NAME@VERSION: to a version id
+        model_version = resolve_model_ref(params.home, params.model)
+    meta = load_metadata(params.home, model_version)
     spec = InferenceSpec.from_dict(meta.inference)
     record, why = _export_record(meta, params)
     chosen = (
@@ -94,7 +97,21 @@ def load_tagger(params: TagParams, model_version: str | None = None) -> Tagger:
         max_bytes=params.max_bytes,
         draft=params.precision != "fp32",  # fp32 is the exact mode: fastai's own pixels
         precision_choice=choice,
+        calibration=_calibration(meta),
     )
+
+
+def _calibration(meta: Any) -> Calibration | None:
+    """The version's calibration.json, hashed against SHA256SUMS; None for versions
+    registered without one (their scores stay the raw probabilities, and the manifest says so)."""
+    if CALIBRATION_FILE not in meta.sums:
+        return None
+    path = verified_file(meta, CALIBRATION_FILE)
+    try:
+        return Calibration.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (CalibrationError, KeyError, TypeError, ValueError) as exc:
+        why = f"model {meta.version}: its {CALIBRATION_FILE} is not usable: {exc}"
+        raise TaggingError(why) from exc
 
 
 # [fastpath] wiring of precision auto/int8 to multitag.inference.selection.

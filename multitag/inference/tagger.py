@@ -34,6 +34,7 @@ from multitag.inference.scorers import Scorer
 from multitag.inference.spec import InferenceSpec, ModelBaseline
 from multitag.inference.torch_scorer import TorchScorer, torch_precision
 from multitag.runtime import available_cpus, pick_device
+from multitag.training.calibration import Calibration
 from multitag.training.thresholds import ThresholdSet, apply_thresholds
 
 
@@ -127,12 +128,19 @@ class Tagger:
         background: tuple[int, int, int] = WHITE,
         draft: bool = True,
         precision_choice: str | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         """`precision_choice`: which scorer runs and why, for the log and the manifest
-        (default: the scorer's precision)."""
+        (default: the scorer's precision). `calibration`: the version's calibration.json;
+        None writes the scorer's raw probabilities (versions registered without one)."""
         if list(thresholds.vocab) != list(spec.vocab):
             raise TaggingError(
                 f"thresholds vocab {list(thresholds.vocab)} differs from the model vocab "
+                f"{list(spec.vocab)}; they must come from the same model version"
+            )
+        if calibration is not None and list(calibration.vocab) != list(spec.vocab):
+            raise TaggingError(
+                f"calibration vocab {list(calibration.vocab)} differs from the model vocab "
                 f"{list(spec.vocab)}; they must come from the same model version"
             )
         if batch_size < 1:
@@ -140,6 +148,7 @@ class Tagger:
         self.scorer = scorer
         self.spec = spec
         self.thresholds = thresholds
+        self.calibration = calibration
         self.model_version = model_version
         self.baseline = baseline or ModelBaseline(vocab=spec.vocab)
         self.batch_size = batch_size
@@ -202,7 +211,31 @@ class Tagger:
         """What a manifest records: the scorer, why it was picked, and an exact decode (so a
         user who needs fastai's own scores can see that a run had them)."""
         exact = "" if self.draft else "; exact decode (every pixel, as fastai decodes)"
-        return self.precision_choice + exact
+        return self.precision_choice + exact + "; " + self.calibration_note
+
+    @property
+    def score_thresholds(self) -> dict[str, float]:
+        """The thresholds in the scale of the written scores: a label is in `labels` when its
+        raw score > its threshold, which is `score > score_threshold` (strictly increasing map;
+        only where calibrated scores round to the same float can the two disagree)."""
+        raw = self.thresholds.as_array()
+        mapped = raw if self.calibration is None else self.calibration.map_thresholds(raw)
+        return {v: float(t) for v, t in zip(self.vocab, mapped, strict=True)}
+
+    @property
+    def calibration_note(self) -> str:
+        """What the manifest says about `scores`: calibrated (and the thresholds in their
+        scale) or the raw probabilities of a version without calibration.json."""
+        if self.calibration is None:
+            return "scores uncalibrated (raw sigmoid; this version has no calibration.json)"
+        cal = self.calibration
+        fitted = sum(f.fitted for f in cal.labels.values())
+        thr = ", ".join(f"{v}: {t:.4g}" for v, t in self.score_thresholds.items())
+        return (
+            f"scores calibrated (calibration.json, {cal.method}: {fitted} of {len(cal.vocab)} "
+            f"labels fitted, the rest identity); labels = raw score > threshold = "
+            f"score > {{{thr}}}"
+        )
 
     def decode(self, data: bytes) -> DecodedImage:
         return decode_image(
@@ -277,10 +310,13 @@ class Tagger:
         if ok:
             batch = np.stack([prepared.items[i].array for i in ok])  # type: ignore[union-attr]
             probs = self.scorer.score_batch(batch)
+            # Decisions on the raw scores, as the thresholds were chosen; the calibrated map
+            # is strictly increasing per label, so it decides the same labels.
             decisions = apply_thresholds(probs, self.thresholds)
+            scores = probs if self.calibration is None else self.calibration.apply(probs)
             for k, i in enumerate(ok):
                 image: DecodedImage = prepared.items[i]  # type: ignore[assignment]
-                rows[i] = self._row(prepared.uris[i], probs[k], decisions[k], image, now)
+                rows[i] = self._row(prepared.uris[i], scores[k], decisions[k], image, now)
         for i, item in enumerate(prepared.items):
             if isinstance(item, str):
                 rows[i] = TagRow(prepared.uris[i], None, None, None, None, None, None, now, item)

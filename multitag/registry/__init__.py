@@ -13,10 +13,13 @@ Layout under `<home>/models/` (home: a local folder, `memory://...`, `s3://bucke
       model.pt2                model.pt2 is the torch.export program a bf16 run uses
     <version>/SHA256SUMS       `<hex>  <name>` per file (sha256sum format), written LAST: its
                                presence is what marks a version complete
-    champion.json              the readable champion pointer: a copy of the newest
-                               generation record below (tagging and `models list` read it)
-    _champion/gen-<n>.json     the promotion chain: generation n's record (version, sha256,
-                               metric, value, previous, the decision), created exclusively
+    _champion/<name>/champion.json  model <name>'s readable champion pointer: a copy of the
+                               newest generation record below (tagging and `models list` read it)
+    _champion/<name>/gen-<n>.json   <name>'s promotion chain: generation n's record (name,
+                               version, sha256, metric, value, previous, the decision),
+                               created exclusively
+    champion.json,             the legacy global pointer and chain of registries from before
+      _champion/gen-<n>.json   model names: read, never written (see `champion`)
     _decisions/<version>/<time>-<id>.json   decisions that did NOT promote (the promoted ones
                                are the chain records; `list_decisions` shows both)
 
@@ -24,17 +27,22 @@ Why decisions live outside the version folder: a version is immutable once writt
 covers every file in it, and an unlisted file fails verification), while one version can be
 judged many times.
 
+Every version belongs to a model name (version.json "name"; default the dataset's name), and
+each name has its own champion, as MLflow's registered models do.
+
 Modules, one job each: `layout` (file names, version ids, URIs), `integrity` (SHA256SUMS and
-checking files against it), `versions` (register, list, show), `champion` (the promotion
-chain: compare-and-swap gate, decisions log; its docstring explains the concurrency),
-`loading` (verified metadata and unpickling), `errors`. Import the public API from here:
-`from multitag import registry; registry.load_model(...)`.
+checking files against it), `naming` (model names, a version's name), `versions` (register,
+list, show), `champion` (the per-name promotion chains: compare-and-swap gate, decisions log;
+its docstring explains the concurrency and legacy registries), `loading` (verified metadata
+and unpickling), `refs` (NAME / NAME@VERSION / VERSION to a version id), `errors`. Import
+the public API from here: `from multitag import registry; registry.load_model(...)`.
 """
 
 from __future__ import annotations
 
 from multitag.registry.champion import (
     PromotionDecision,
+    champions,
     get_champion,
     list_decisions,
     promote,
@@ -76,12 +84,15 @@ from multitag.registry.loading import (
     unpickle_model,
     verified_file,
 )
+from multitag.registry.naming import DEFAULT_NAME, check_model_name, default_model_name
+from multitag.registry.refs import resolve_model_ref
 from multitag.registry.versions import list_versions, register_model, show_version
 
 __all__ = [
     "CHAIN_DIR",
     "CHAMPION_FILE",
     "DECISIONS_DIR",
+    "DEFAULT_NAME",
     "FASTPATH_FILE",
     "INFERENCE_FILE",
     "METRICS_FILE",
@@ -101,7 +112,10 @@ __all__ = [
     "VersionExistsError",
     "VersionNotFoundError",
     "cache_dir",
+    "champions",
     "check_champion_pointer",
+    "check_model_name",
+    "default_model_name",
     "format_sums",
     "get_champion",
     "list_decisions",
@@ -114,6 +128,7 @@ __all__ = [
     "promote",
     "promote_if_better",
     "register_model",
+    "resolve_model_ref",
     "show_version",
     "unpickle_model",
     "verified_file",

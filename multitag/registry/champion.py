@@ -14,6 +14,16 @@ one code path for both keeps the two from drifting, and the chain doubles as an 
 champion.json is written after the chain step and re-pointed by whoever notices it is behind,
 so readers that see a stale pointer (a promoter killed in between) are corrected by the
 chain: `get_champion` follows generations past the pointer.
+
+Names: each model name (`multitag.registry.naming`) has its own chain and pointer,
+`_champion/<name>/gen-<n>.json` and `_champion/<name>/champion.json`, so a candidate is only
+ever judged against its own name's champion, and only when both share a vocabulary (a model
+of other labels is refused, not compared on metrics, unless forced). Legacy registries (one
+global chain, `_champion/gen-<n>.json` and `models/champion.json`) keep working: that chain is
+read as a fallback, and its champion counts as the champion of its version's name until the
+first promotion under that name, which starts the name's chain at generation 1 (judged
+against the legacy champion, recorded as its `previous`). The legacy files are never
+rewritten, so an older release still reads them.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from multitag.registry.layout import (
     CHAIN_DIR,
     CHAMPION_FILE,
     DECISIONS_DIR,
+    INFERENCE_FILE,
     METRICS_FILE,
     MODEL_FILE,
     check_version_id,
@@ -44,6 +55,12 @@ from multitag.registry.layout import (
     models_uri,
     utc_now,
     version_uri,
+)
+from multitag.registry.naming import (
+    DEFAULT_NAME,
+    check_model_name,
+    is_model_name,
+    read_version_name,
 )
 from multitag.storage import fs_and_path, join, read_bytes, unstrip, write_json_atomic
 
@@ -73,19 +90,49 @@ class PromotionDecision:
     baseline_value: float | None = None
     baseline_margin: float | None = None
     forced_past_baseline: bool = False
+    # The model name whose champion the candidate was judged against (None: older records).
+    name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def get_champion(home: str | None) -> dict[str, Any] | None:
-    """The current champion's record, or None before the first promotion.
+def get_champion(home: str | None, name: str | None = None) -> dict[str, Any] | None:
+    """The champion record of model `name`, or None before its first promotion.
 
-    champion.json is read first; a promotion chain that has moved past it (its writer was
-    killed, or is about to re-point it) is followed to the newest generation. A champion.json
-    that disagrees with the chain record of its own generation was altered: IntegrityError.
+    The name's champion.json is read first; a promotion chain that has moved past it (its
+    writer was killed, or is about to re-point it) is followed to the newest generation. A
+    champion.json that disagrees with the chain record of its own generation was altered:
+    IntegrityError. `name=None`: the only champion there is (None when there is none); with
+    champions under several names that is ambiguous, and the RegistryError lists them.
     """
-    return _chain_head(home).record
+    if name is not None:
+        return _chain_head(home, check_model_name(name)).record
+    found = champions(home)
+    if len(found) > 1:
+        raise RegistryError(
+            f"{len(found)} model names have a champion under {models_uri(home)}: "
+            f"{', '.join(sorted(found))}; name one (--model NAME or NAME@VERSION)"
+        )
+    return next(iter(found.values()), None)
+
+
+def champions(home: str | None) -> dict[str, dict[str, Any]]:
+    """Every name's champion record, by name (a legacy chain's champion under its name)."""
+    names = set()
+    for uri in _json_files(join(models_uri(home), CHAIN_DIR)):
+        folder = posixpath.dirname(uri)
+        if posixpath.basename(posixpath.dirname(folder)) == CHAIN_DIR:
+            names.add(posixpath.basename(folder))
+    found = {}
+    for name in sorted(n for n in names if is_model_name(n)):
+        record = _chain_head(home, name).record
+        if record is not None:
+            found[name] = record
+    legacy = _head_at(home, None).record
+    if legacy is not None:
+        found.setdefault(_legacy_name(home, legacy), legacy)
+    return found
 
 
 @dataclass(frozen=True)
@@ -94,14 +141,30 @@ class _Head:
     record: dict[str, Any] | None
 
 
-def _chain_uri(home: str | None, generation: int) -> str:
-    return join(models_uri(home), CHAIN_DIR, f"gen-{generation:09d}.json")
+def _chain_uri(home: str | None, name: str | None, generation: int) -> str:
+    """Generation n of `name`'s chain; `name=None`: the legacy global chain."""
+    folder = join(models_uri(home), CHAIN_DIR) if name is None else _name_dir(home, name)
+    return join(folder, f"gen-{generation:09d}.json")
+
+
+def _name_dir(home: str | None, name: str) -> str:
+    return join(models_uri(home), CHAIN_DIR, name)
+
+
+def _pointer_uri(home: str | None, name: str | None) -> str:
+    """`name`'s readable champion pointer; `name=None`: the legacy models/champion.json."""
+    if name is None:
+        return join(models_uri(home), CHAMPION_FILE)
+    return join(_name_dir(home, name), CHAMPION_FILE)
 
 
 def _read_if_present(uri: str) -> bytes | None:
-    # cat_file asks the store every time: s3fs answers exists()/info() from a cached parent
-    # listing, which would hide a generation created after that listing.
+    # s3fs answers exists()/info() from a cached parent listing, which would hide a
+    # generation created after that listing, and its cat_file asks info() for the size
+    # (max_concurrency > 1): drop the parent's cached listing first (a `find` over the
+    # chains caches every name's folder).
     fs, path = fs_and_path(uri)
+    fs.invalidate_cache(posixpath.dirname(path))
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
@@ -118,8 +181,8 @@ def _checked_pointer(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
-def _read_generation(home: str | None, generation: int) -> dict[str, Any] | None:
-    uri = _chain_uri(home, generation)
+def _read_generation(home: str | None, name: str | None, generation: int) -> dict[str, Any] | None:
+    uri = _chain_uri(home, name, generation)
     data = _read_if_present(uri)
     if data is None:
         return None
@@ -129,22 +192,46 @@ def _read_generation(home: str | None, generation: int) -> dict[str, Any] | None
     return record
 
 
-def _chain_head(home: str | None) -> _Head:
-    """The newest generation: champion.json's, then forward while a next one exists."""
-    uri = join(models_uri(home), CHAMPION_FILE)
+def _chain_head(home: str | None, name: str) -> _Head:
+    """`name`'s newest generation; before its first, the legacy champion if it is `name`'s."""
+    head = _head_at(home, name)
+    if head.record is None:
+        legacy = _head_at(home, None).record
+        if legacy is not None and _legacy_name(home, legacy) == name:
+            return _Head(0, legacy)
+    return head
+
+
+def _legacy_name(home: str | None, record: dict[str, Any]) -> str:
+    """The name the legacy chain's champion counts for: its version's name.
+
+    A champion whose files are gone or no longer verify cannot say: it counts for "default"
+    (and, not verifying, loses to any verified candidate there).
+    """
+    try:
+        return read_version_name(home, str(record["version"]))
+    except RegistryError:
+        return DEFAULT_NAME
+
+
+def _head_at(home: str | None, name: str | None) -> _Head:
+    """The newest generation of one chain: its champion.json's, then forward while a next one
+    exists (`name=None`: the legacy global chain)."""
+    uri = _pointer_uri(home, name)
     data = _read_if_present(uri)
     pointer = None if data is None else _checked_pointer(loads_json(data, uri), uri)
     generation = int(pointer.get("generation") or 0) if pointer else 0
     record = pointer
     if pointer is not None and generation > 0:
-        stored = _read_generation(home, generation)
+        stored = _read_generation(home, name, generation)
         if stored is None or stored != pointer:
             raise IntegrityError(
                 f"{uri} does not match the promotion record of its generation {generation} "
-                f"({_chain_uri(home, generation)}): champion.json was altered after promotion, "
-                "so it was not used. Run `multitag models promote VERSION` to repair it."
+                f"({_chain_uri(home, name, generation)}): champion.json was altered after "
+                "promotion, so it was not used. Run `multitag models promote NAME@VERSION` to "
+                "repair it."
             )
-    while (newer := _read_generation(home, generation + 1)) is not None:
+    while (newer := _read_generation(home, name, generation + 1)) is not None:
         generation, record = generation + 1, newer
     return _Head(generation, record)
 
@@ -242,12 +329,18 @@ def promote_if_better(
     the promotion chain (see the module docstring): a swap lost to a concurrent promotion is
     judged again against the champion that won, so the decision recorded is always against
     the champion the pointer actually moved from. Recorded whether or not it promotes.
+
+    Only the champion of the candidate's own name (its version.json) is compared, and only
+    when both have the same vocabulary: a candidate of other labels is refused with that
+    reason, never compared on metrics, unless forced.
     """
     if "loss" in metric.lower():
         raise RegistryError(f"the gate compares higher-is-better metrics; {metric!r} is a loss")
     vdir = version_uri(home, version)
     sums = verify_files(vdir, version)
     metrics = loads_json(read_verified(vdir, version, METRICS_FILE, sums), METRICS_FILE)
+    name = read_version_name(home, version, sums)
+    vocab = _vocab(loads_json(read_verified(vdir, version, INFERENCE_FILE, sums), INFERENCE_FILE))
     if not (math.isfinite(baseline_margin) and 0.0 <= baseline_margin <= 1.0):
         raise RegistryError(f"baseline_margin must lie in [0, 1]; got {baseline_margin!r}")
     try:
@@ -260,14 +353,14 @@ def promote_if_better(
     refusal = _baseline_refusal(candidate, baseline, baseline_margin, metric)
     lost = 0
     while True:
-        head = _chain_head(home)
+        head = _chain_head(home, name)
         if refusal is not None and not force:
             champ = head.record
             promoted, reason = False, refusal
             champ_version, champ_value = (str(champ["version"]) if champ else None), None
         else:
             promoted, reason, champ_version, champ_value = _gate(
-                home, head.record, version, candidate, metric, force
+                home, head.record, _Candidate(name, version, vocab, candidate), metric, force
             )
             if refusal is not None and promoted:
                 reason = f"forced past the baseline: {refusal}; {reason}"
@@ -276,12 +369,13 @@ def promote_if_better(
             promoted, reason, version, metric, candidate, champ_value, champ_version, force,
             iso_time(decided), head.generation + 1 if promoted else None, lost,
             baseline, baseline_margin if baseline is not None else None,
-            promoted and refusal is not None,
+            promoted and refusal is not None, name,
         )  # fmt: skip
         if not promoted:
             _record_decision(home, decision, decided)
             return decision
         record = {
+            "name": name,
             "version": version,
             "sha256": sums[MODEL_FILE],
             "metric": metric,
@@ -293,21 +387,34 @@ def promote_if_better(
             "decision": decision.to_dict(),
         }
         try:
-            write_json_atomic(_chain_uri(home, head.generation + 1), record, exclusive=True)
+            write_json_atomic(_chain_uri(home, name, head.generation + 1), record, exclusive=True)
         except FileExistsError:
             # A retried PUT whose first attempt landed (lost response) finds its own record.
-            if _read_generation(home, head.generation + 1) != json.loads(json_bytes(record)):
+            mine = json.loads(json_bytes(record))
+            if _read_generation(home, name, head.generation + 1) != mine:
                 lost += 1  # another promotion took this generation: judge again against it
                 continue
-        _point_champion(home, head.generation + 1, record)
+        _point_champion(home, name, head.generation + 1, record)
         return decision
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    version: str
+    vocab: list[str] | None
+    value: float | None
+
+
+def _vocab(inference: Any) -> list[str] | None:
+    vocab = inference.get("vocab") if isinstance(inference, dict) else None
+    return [str(v) for v in vocab] if isinstance(vocab, list) else None
 
 
 def _gate(
     home: str | None,
     champion: Mapping[str, Any] | None,
-    version: str,
-    candidate: float | None,
+    cand: _Candidate,
     metric: str,
     force: bool,
 ) -> tuple[bool, str, str | None, float | None]:
@@ -315,35 +422,45 @@ def _gate(
     if champion is None:
         return True, "no champion yet", None, None
     champ_version = str(champion["version"])
-    if champ_version == version:
-        return False, f"{version} is already the champion", champ_version, None
+    if champ_version == cand.version:
+        return False, f"{cand.version} is already the champion", champ_version, None
     try:
-        champ_value = _champion_value(home, champ_version, metric)
+        champ_vocab, champ_metrics = _champion_files(home, champ_version)
     except (IntegrityError, VersionNotFoundError) as exc:
         return True, f"champion {champ_version} no longer verifies ({exc})", champ_version, None
+    if champ_vocab != cand.vocab:
+        why = (
+            f"vocabulary {cand.vocab} differs from {champ_vocab} of {cand.name!r}'s champion "
+            f"{champ_version}: models of different labels are not compared on {metric}"
+        )
+        if force:
+            return True, f"forced: {why}", champ_version, None
+        return False, f"{why}; promote it explicitly (force) to replace it", champ_version, None
+    try:
+        champ_value = _metric_value(champ_metrics, metric, champ_version)
     except RegistryError:
         if not force:
             raise
         return True, f"forced; champion {champ_version} has no {metric!r}", champ_version, None
-    promoted, reason = _judge(candidate, champ_value, metric, champ_version, force)
+    promoted, reason = _judge(cand.value, champ_value, metric, champ_version, force)
     return promoted, reason, champ_version, champ_value
 
 
-def _point_champion(home: str | None, generation: int, record: dict[str, Any]) -> None:
+def _point_champion(home: str | None, name: str, generation: int, record: dict[str, Any]) -> None:
     """Write champion.json, then re-point it while the chain has moved past what was written.
 
     Why the loop: two winners of consecutive generations may write the pointer in either
     order. Each re-checks the chain after its own write, so the last writer always leaves the
     newest generation (a kill in between leaves a stale pointer, which readers step past).
     """
-    uri = join(models_uri(home), CHAMPION_FILE)
+    uri = _pointer_uri(home, name)
     while True:
         write_json_atomic(uri, record)
-        newer = _read_generation(home, generation + 1)
+        newer = _read_generation(home, name, generation + 1)
         if newer is None:
             return
         generation, record = generation + 1, newer
-        while (later := _read_generation(home, generation + 1)) is not None:
+        while (later := _read_generation(home, name, generation + 1)) is not None:
             generation, record = generation + 1, later
 
 
@@ -358,13 +475,17 @@ def _judge(
     return False, f"{metric} {shown} does not beat champion {champ_version} ({champion:.6g})"
 
 
-def _champion_value(home: str | None, champ_version: str, metric: str) -> float:
-    # Only metrics.json is hashed here: it is the number being compared, and a full check of
-    # the champion's model would download it on every retrain (load_model checks it anyway).
+def _champion_files(home: str | None, champ_version: str) -> tuple[list[str] | None, Any]:
+    """The champion's vocabulary and metrics, each checked against its SHA256SUMS.
+
+    Only these two files are hashed: they are what is compared, and a full check of the
+    champion's model would download it on every retrain (load_model checks it anyway).
+    """
     vdir = version_uri(home, champ_version)
     sums = read_sums(vdir, champ_version)
-    data = read_verified(vdir, champ_version, METRICS_FILE, sums)
-    return _metric_value(loads_json(data, METRICS_FILE), metric, champ_version)
+    inference = read_verified(vdir, champ_version, INFERENCE_FILE, sums)
+    metrics = read_verified(vdir, champ_version, METRICS_FILE, sums)
+    return _vocab(loads_json(inference, INFERENCE_FILE)), loads_json(metrics, METRICS_FILE)
 
 
 def _record_decision(home: str | None, decision: PromotionDecision, when: datetime) -> None:
@@ -374,5 +495,6 @@ def _record_decision(home: str | None, decision: PromotionDecision, when: dateti
 
 
 def promote(home: str | None, version: str, metric: str = "mAP") -> PromotionDecision:
-    """`multitag models promote VERSION`: make a verified version champion whatever its score."""
+    """`multitag models promote [NAME@]VERSION`: make a verified version its name's champion
+    whatever its score (and whatever its champion's vocabulary)."""
     return promote_if_better(home, version, metric, force=True)

@@ -24,6 +24,7 @@ INFERENCE_FILE = "inference.json"
 REPORT_FILE = "report.md"
 SUMS_FILE = "SHA256SUMS"
 FASTPATH_FILE = "fastpath.json"  # multitag.inference.fastpath's export-time record (optional)
+CALIBRATION_FILE = "calibration.json"  # multitag.training.calibration's per-label map (optional)
 CHAMPION_FILE = "champion.json"
 CHAIN_DIR = "_champion"
 DECISIONS_DIR = "_decisions"

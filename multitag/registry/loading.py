@@ -89,7 +89,8 @@ def check_champion_pointer(home: str | None, champion: Mapping[str, Any]) -> dic
 
 
 def load_metadata(home: str | None = None, version: str | None = None) -> ModelMetadata:
-    """Verify every file of a version, then read its JSON files; `version=None`: the champion.
+    """Verify every file of a version, then read its JSON files; `version=None`: the champion
+    (the only one: with champions under several model names, a RegistryError lists them).
 
     Every sha256 in SHA256SUMS is checked, model.pkl's included (for the champion, also
     against champion.json), exactly as `load_model` does, but nothing is unpickled. Remote
@@ -102,7 +103,8 @@ def load_metadata(home: str | None = None, version: str | None = None) -> ModelM
             raise NoChampionError(
                 f"no champion model under {models_uri(home)}: run `multitag retrain --data ...` "
                 "to train and promote one, or `multitag models promote VERSION` for an existing "
-                "version (`multitag models list` shows them)"
+                "version (`multitag models list` shows them); with several model names, load "
+                "NAME's champion via `registry.resolve_model_ref(home, NAME)`"
             )
         version = str(champion["version"])
         sums = check_champion_pointer(home, champion)

@@ -7,13 +7,14 @@ SHA256SUMS, which every reader refuses (`IncompleteVersionError`) rather than tr
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from multitag.hashing import sha256_bytes
-from multitag.registry.champion import get_champion, list_decisions
+from multitag.registry.champion import champions, list_decisions
 from multitag.registry.errors import IntegrityError, RegistryError, VersionExistsError
 from multitag.registry.integrity import format_sums, list_names, parse_sums, read_sums
 from multitag.registry.layout import (
@@ -36,7 +37,10 @@ from multitag.registry.layout import (
     utc_now,
     version_uri,
 )
+from multitag.registry.naming import NAME_KEY, check_model_name, name_of
 from multitag.storage import exists, fs_and_path, join, read_bytes, write_bytes_atomic
+from multitag.training import calibration
+from multitag.training.lineage import dataset_sha256_of
 from multitag.training.reports import build_model_report
 from multitag.training.thresholds import ThresholdSet
 
@@ -51,8 +55,13 @@ def register_model(
     report_files: dict[str, bytes] | None = None,
     version: str | None = None,
     extra_files: Mapping[str, Path] | None = None,
+    name: str | None = None,
 ) -> str:
     """Write a new immutable version and return its id.
+
+    `name`: the model name the version belongs to (its champion is judged among that name's
+    versions only), recorded in version.json; default metrics["name"], else the dataset's
+    name (`multitag.registry.naming`).
 
     metrics.json (a dict the caller builds; only "validation" is required):
       validation        `Evaluation.to_dict()` on the validation split with the selected
@@ -84,6 +93,7 @@ def register_model(
     version = new_version_id(model_sha, created) if version is None else version
     check_version_id(version)
     _check_model_inputs(thresholds, metrics, inference)
+    name = _model_name(name, metrics)
     if report_files is None:
         report_files = build_model_report(metrics, thresholds, metrics["validation"])
     _check_report_names(report_files)
@@ -98,6 +108,7 @@ def register_model(
         "model_sha256": model_sha,
         "model_bytes": len(model_bytes),
         "source_file": learner_file.name,
+        NAME_KEY: name,
     }
     files = {
         VERSION_FILE: json_bytes(record),
@@ -120,6 +131,16 @@ def register_model(
     sums = {MODEL_FILE: model_sha, **{name: sha256_bytes(data) for name, data in files.items()}}
     write_bytes_atomic(join(vdir, SUMS_FILE), format_sums(sums), exclusive=True)
     return version
+
+
+def _model_name(name: str | None, metrics: Mapping[str, Any]) -> str:
+    """The version's name: `name`, which must agree with metrics["name"] when both are given."""
+    recorded = metrics.get(NAME_KEY) if isinstance(metrics, Mapping) else None
+    if name is None:
+        return check_model_name(recorded) if recorded is not None else name_of(None, metrics)
+    if recorded is not None and recorded != name:
+        raise RegistryError(f"model name {name!r} differs from metrics['name'] {recorded!r}")
+    return check_model_name(name)
 
 
 def _exists_message(version: str, vdir: str) -> str:
@@ -164,9 +185,10 @@ def _check_report_names(report_files: Mapping[str, bytes]) -> None:
 def list_versions(home: str | None) -> list[dict[str, Any]]:
     """Every version folder, oldest first, without hashing (that is `verify_version`'s job).
 
-    Each entry: version, created (UTC ISO time), complete (SHA256SUMS present), is_champion,
-    metrics (numeric headline values of metrics["validation"]), problem (why it cannot be
-    used as is, or None), uri.
+    Each entry: version, name (the model name; see `multitag.registry.naming` for versions
+    from before names), created (UTC ISO time), complete (SHA256SUMS present), is_champion
+    (of its name), metrics (numeric headline values of metrics["validation"]), problem (why
+    it cannot be used as is, or None), uri.
     """
     root = models_uri(home)
     fs, path = fs_and_path(root)
@@ -174,24 +196,24 @@ def list_versions(home: str | None) -> list[dict[str, Any]]:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
-    champion = get_champion(home)
-    champion_version = champion["version"] if champion else None
+    champion_versions = {str(r["version"]) for r in champions(home).values()}
     out = []
     for entry in entries:
         name = posixpath.basename(entry["name"].rstrip("/"))
         if entry.get("type") != "directory" or name.startswith("_") or not VERSION_RE.match(name):
             continue
-        out.append(_version_summary(join(root, name), name, champion_version))
+        out.append(_version_summary(join(root, name), name, champion_versions))
     return sorted(out, key=lambda v: (v["created"] or "", v["version"]))
 
 
-def _version_summary(vdir: str, version: str, champion_version: str | None) -> dict[str, Any]:
+def _version_summary(vdir: str, version: str, champion_versions: set[str]) -> dict[str, Any]:
     present = list_names(vdir, version)
     problem = _sums_problem(vdir, version, present)
-    created, headline = None, {}
+    created, headline, record, metrics = None, {}, None, None
     try:
         if VERSION_FILE in present:
-            created = loads_json(read_bytes(join(vdir, VERSION_FILE)), VERSION_FILE)["created_at"]
+            record = loads_json(read_bytes(join(vdir, VERSION_FILE)), VERSION_FILE)
+            created = record["created_at"]
         if METRICS_FILE in present:
             metrics = loads_json(read_bytes(join(vdir, METRICS_FILE)), METRICS_FILE)
             headline = _headline(metrics.get("validation") or {})
@@ -199,9 +221,10 @@ def _version_summary(vdir: str, version: str, champion_version: str | None) -> d
         problem = problem or f"unreadable metadata: {exc!r}"
     return {
         "version": version,
+        "name": name_of(record, metrics),
         "created": created,
         "complete": SUMS_FILE in present,
-        "is_champion": version == champion_version,
+        "is_champion": version in champion_versions,
         "metrics": headline,
         "problem": problem,
         "uri": vdir,
@@ -231,7 +254,6 @@ def show_version(home: str | None, version: str) -> dict[str, Any]:
     present = list_names(vdir, version)
     problem = _sums_problem(vdir, version, present)
     sums = _listed_sums(vdir) if SUMS_FILE in present else {}
-    champion = get_champion(home)
 
     def load(name: str) -> Any:
         return (
@@ -243,8 +265,11 @@ def show_version(home: str | None, version: str) -> dict[str, Any]:
     thresholds = load(THRESHOLDS_FILE)
     record = load(VERSION_FILE) or {}
     metrics = load(METRICS_FILE)
+    name = name_of(record, metrics)
+    champion = champions(home).get(name)
     return {
         "version": version,
+        "name": name,
         "uri": vdir,
         "complete": SUMS_FILE in present,
         "problem": problem,
@@ -259,6 +284,8 @@ def show_version(home: str | None, version: str) -> dict[str, Any]:
         "lineage": (metrics or {}).get("lineage"),
         # what guessing scores on validation, the champion gate's floor (None: older version)
         "baselines": (metrics or {}).get("baselines"),
+        # ECE before/after calibration per split (None: older version, raw scores)
+        "calibration": calibration.brief((metrics or {}).get("calibration")),
         # curves are long arrays: the plots in report.md show them
         "thresholds": {k: v for k, v in (thresholds or {}).items() if k != "curves"},
         "inference": load(INFERENCE_FILE),
@@ -277,3 +304,49 @@ def _listed_sums(vdir: str) -> dict[str, str]:
         return parse_sums(read_bytes(join(vdir, SUMS_FILE)))
     except IntegrityError:
         return {}
+
+
+THRESHOLD_PARAMS_KEY = "threshold_params"  # metrics.json: the ThresholdParams a version used
+
+
+def find_version_trained_on(
+    home: str | None,
+    dataset_sha256: str,
+    *,
+    train_params: Mapping[str, Any],
+    threshold_params: Mapping[str, Any],
+    name: str | None = None,
+) -> str | None:
+    """The newest complete version trained on exactly this data with exactly these parameters.
+
+    Why: a scheduled retrain on unchanged data would spend a training run to register the
+    same model again (and the gate would keep the champion anyway); the retrain flow reuses
+    this version instead and says "no new data". A match has the lineage dataset hash (the
+    bytes trained on), metrics["params"] (TrainParams) and metrics["threshold_params"]
+    (ThresholdParams) equal as JSON, and the model name `name` where the version has one.
+    Incomplete or damaged versions, and versions that recorded no threshold params, never
+    match: training again is the safe answer.
+    """
+    want_train, want_thresholds = _as_json(train_params), _as_json(threshold_params)
+    for entry in reversed(list_versions(home)):
+        if not entry["complete"] or entry["problem"]:
+            continue
+        if name is not None and entry.get(NAME_KEY) not in (None, name):
+            continue
+        try:
+            metrics = loads_json(read_bytes(join(entry["uri"], METRICS_FILE)), METRICS_FILE)
+        except (RegistryError, OSError):
+            continue
+        if (
+            isinstance(metrics, dict)
+            and dataset_sha256_of(metrics) == dataset_sha256
+            and _as_json(metrics.get("params")) == want_train
+            and _as_json(metrics.get(THRESHOLD_PARAMS_KEY)) == want_thresholds
+        ):
+            return str(entry["version"])
+    return None
+
+
+def _as_json(value: Any) -> Any:
+    """A parameter dump as JSON reads it back (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))

@@ -27,7 +27,7 @@ from multitag.storage import fs_and_path
 if TYPE_CHECKING:
     import pyarrow as pa
 
-CONTRACT_VERSION = "1.1.0"  # data_contracts/tags_output.yaml
+CONTRACT_VERSION = "1.2.0"  # data_contracts/tags_output.yaml
 _PART_RE = re.compile(r"^part-(\d{6,}-\d{6,})\.parquet$")
 
 

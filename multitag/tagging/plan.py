@@ -30,7 +30,7 @@ from multitag.inference.sources import (
     list_source,
 )
 from multitag.inference.spec import ModelBaseline
-from multitag.storage import exists, is_local, join, read_json, remove_stale_temp_files
+from multitag.storage import is_local, join, read_json, remove_stale_temp_files
 from multitag.tagging import headstart
 from multitag.tagging.claims import (
     PLANS_DIR,
@@ -81,24 +81,13 @@ class RunPlan:
 
 
 def resolve_model_version(params: TagParams) -> str:
-    """The version to tag with: params.model, else the registry champion."""
-    if params.model:
-        uri = join(registry.version_uri(params.home, params.model), registry.SUMS_FILE)
-        if not exists(uri):
-            raise registry.VersionNotFoundError(
-                f"model version {params.model} is not a complete version under "
-                f"{registry.models_uri(params.home)} (`multitag models list` shows them)"
-            )
-        return params.model
-    champion = registry.get_champion(params.home)
-    if champion is None:
-        raise registry.NoChampionError(
-            f"no champion model under {registry.models_uri(params.home)}: pass --model VERSION "
-            "or run `multitag retrain` first"
-        )
-    # The version is then loaded by id: check the pointer's model sha256 against it here.
-    registry.check_champion_pointer(params.home, champion)
-    return str(champion["version"])
+    """The version to tag with: `params.model` (VERSION, NAME or NAME@VERSION, see
+    `registry.resolve_model_ref`), else the champion when exactly one model name has one.
+
+    A champion's pointer is checked against its version's SHA256SUMS here, since the version
+    is then loaded by its id.
+    """
+    return registry.resolve_model_ref(params.home, params.model)
 
 
 def prefetch_tagger(params: TagParams, *, head_start: bool = False) -> str | None:

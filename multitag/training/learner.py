@@ -12,6 +12,7 @@ fastai needs (and TrainingError) lives in `multitag.training.training_table`, re
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -43,9 +44,11 @@ from fastai.vision.augment import DihedralItem, Resize, ResizeMethod, aug_transf
 from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.learner import vision_learner
+from fastcore.foundation import L
 
 from multitag.config import TrainParams
 from multitag.runtime import available_cpus, configure_cpu_runtime, pick_device
+from multitag.training import checkpoints
 
 # Also what an unpickled learner refers to (its builders and metrics): importing it here
 # is what lets `load_learner_file` unpickle in a process that never trained.
@@ -83,6 +86,8 @@ __all__ = [
 
 _INFO_ATTR = "multitag_info"  # dict stored on the learner; travels inside model.pkl
 
+log = logging.getLogger(__name__)
+
 
 class PretrainedWeightsUnavailable(TrainingError):
     """pretrained=True, but the weights are neither on disk nor downloadable (offline)."""
@@ -98,6 +103,7 @@ class TrainResult:
     n_train: int
     n_valid: int
     lr: float  # the peak learning rate used (lr_find's suggestion when params.lr is None)
+    resumed_at_epoch: int = 0  # 0-based epoch this run started training at (0: from scratch)
 
 
 # --------------------------------------------------------------------------- model choice
@@ -228,17 +234,24 @@ def _ensure_normalize(dls: Any) -> None:
 
 
 class _EpochReporter(Callback):
-    """Turns the Recorder's row for each epoch into a dict; runs right after Recorder."""
+    """Turns the Recorder's row for each epoch into a dict; runs right after Recorder.
+
+    `skip_to`: epochs below it were finished before a resume; fastai's SkipToEpoch cancels
+    them, but `after_epoch` still fires for them (with an empty Recorder row): not reported.
+    """
 
     order = Recorder.order + 1
 
     def __init__(self, history: list[dict[str, Any]], on_epoch: Callable[[dict], None] | None):
         self.history, self.on_epoch = history, on_epoch
+        self.skip_to = 0
 
     def before_epoch(self) -> None:
         self._t0 = time.perf_counter()
 
     def after_epoch(self) -> None:
+        if self.epoch < self.skip_to:
+            return
         names = [str(n) for n in self.recorder.metric_names[1:-1]]  # drop 'epoch' and 'time'
         values = [float(v) for v in self.recorder.values[-1]]
         row: dict[str, Any] = {"epoch": len(self.history) + 1}
@@ -247,6 +260,140 @@ class _EpochReporter(Callback):
         self.history.append(row)
         if self.on_epoch is not None:
             self.on_epoch(dict(row))
+
+
+class _ProgressReporter(Callback):
+    """Calls `on_progress(fraction of all epochs done)` after each training batch.
+
+    Why: an epoch on a real dataset takes minutes; a per-epoch row alone leaves the UI still.
+    Counts epochs itself (after_epoch also runs for epochs a resumed fit skips), so the
+    fraction spans fine_tune's frozen and unfrozen fits.
+    """
+
+    def __init__(self, on_progress: Callable[[float], None], n_epochs: int):
+        self.on_progress, self.n_epochs, self.done = on_progress, max(n_epochs, 1), 0
+
+    def after_batch(self) -> None:
+        if self.training and self.n_iter:
+            self.on_progress(min((self.done + (self.iter + 1) / self.n_iter) / self.n_epochs, 1.0))
+
+    def after_epoch(self) -> None:
+        self.done += 1
+
+
+class _Checkpointer(Callback):
+    """After every finished epoch: model, optimizer and RNG state to `location` (fsspec).
+
+    Runs after _EpochReporter, so the history it stores includes the epoch just finished.
+    `offset` turns a phase's epoch into the run's (fine_tune's unfrozen phase starts after the
+    frozen one); `skip_to` as in _EpochReporter. A failed write is logged, not raised:
+    checkpoints are insurance, and the training itself is still sound.
+    """
+
+    order = _EpochReporter.order + 1
+
+    def __init__(self, location: str, history: list[dict[str, Any]], peak_lr: float):
+        self.location, self.history, self.peak_lr = location, history, peak_lr
+        self.offset, self.skip_to = 0, 0
+
+    def after_epoch(self) -> None:
+        if self.epoch < self.skip_to:
+            return
+        state = {
+            "model": self.learn.model.state_dict(),
+            "opt": self.learn.opt.state_dict(),
+            "rng": {
+                **checkpoints.rng_state(),
+                "loaders": [dl.rng.getstate() for dl in self.dls.loaders],
+            },
+        }
+        try:
+            checkpoints.save_checkpoint(
+                self.location, self.offset + self.epoch, state, self.history, self.peak_lr
+            )
+        except OSError as exc:
+            log.warning("checkpoint of epoch %d not written: %s", self.offset + self.epoch, exc)
+
+
+def _read_checkpoint(location: str, device: str) -> checkpoints.Checkpoint | None:
+    """The checkpoint to resume from, or None (none there, or unusable: logged, not fatal)."""
+    try:
+        return checkpoints.load_checkpoint(location, map_location=device)
+    except checkpoints.CheckpointUnusable as exc:
+        log.warning("not resuming from %s: %s; training from epoch 0", location, exc)
+        return None
+
+
+def _resume(learn: Learner, location: str, device: str) -> checkpoints.Checkpoint | None:
+    """The checkpoint at `location`, loaded into `learn`; None: train from epoch 0."""
+    ckpt = _read_checkpoint(location, device)
+    return ckpt if ckpt is not None and _apply_checkpoint(learn, ckpt) else None
+
+
+def _apply_checkpoint(learn: Learner, ckpt: checkpoints.Checkpoint) -> bool:
+    """Load model and optimizer state into `learn`, after checking that they fit it.
+
+    Checked first (names and shapes; optimizer group and parameter counts), so a misfit
+    leaves the fresh learner untouched and training starts from epoch 0 instead.
+    """
+    model_state, opt_state = ckpt.state["model"], ckpt.state["opt"]
+    own = learn.model.state_dict()
+    fits = set(own) == set(model_state) and all(
+        tuple(own[k].shape) == tuple(model_state[k].shape) for k in own
+    )
+    if learn.opt is None:
+        learn.create_opt()
+    n_params = sum(len(pg) for pg in learn.opt.param_lists)
+    shape = (len(opt_state["hypers"]), len(opt_state["state"]))
+    if not fits or shape != (len(learn.opt.param_lists), n_params):
+        log.warning("the checkpoint does not fit this model; training from epoch 0")
+        return False
+    learn.model.load_state_dict(model_state)
+    learn.opt.load_state_dict({"hypers": L(opt_state["hypers"]), "state": opt_state["state"]})
+    return True
+
+
+def _restore_rngs(learn: Learner, rng: dict[str, Any]) -> None:
+    checkpoints.restore_rng_state(rng)
+    for dl, state in zip(learn.dls.loaders, rng["loaders"], strict=True):
+        dl.rng.setstate(checkpoints.as_tuples(state))
+
+
+def _fit(learn: Learner, params: TrainParams, lr: float, cbs: list[Callback], start: int) -> None:
+    """fastai's fit_one_cycle / fine_tune, resuming at run epoch `start` (0: from scratch).
+
+    fit_one_cycle(start_epoch=k) adds fastai's SkipToEpoch, which cancels epochs < k before
+    any batch runs; the one-cycle schedule stays right because TrainEvalCallback sets
+    pct_train = epoch / n_epoch at the start of each training phase. fine_tune is two
+    one-cycle fits (frozen for freeze_epochs, then unfrozen for epochs), and fastai's own
+    fine_tune would pass one start_epoch to both; so it is spelled out here with fastai
+    2.8.12's arguments (pct_start 0.99 frozen; base_lr halved, lr_mult 100, pct_start 0.3,
+    div 5.0 unfrozen) and the run's epoch split between the phases: a run killed in the
+    frozen phase resumes there; one killed later skips the whole frozen phase and resumes
+    inside the unfrozen one.
+    """
+
+    def phase(offset: int, n_epoch: int) -> int:
+        skip = min(max(0, start - offset), n_epoch)
+        for cb in cbs:
+            if isinstance(cb, (_EpochReporter, _Checkpointer)):
+                cb.skip_to = skip
+            if isinstance(cb, _Checkpointer):
+                cb.offset = offset
+        return skip
+
+    if not params.pretrained:
+        learn.fit_one_cycle(params.epochs, lr, cbs=cbs, start_epoch=phase(0, params.epochs))
+        return
+    frozen = params.freeze_epochs
+    learn.freeze()
+    learn.fit_one_cycle(frozen, slice(lr), pct_start=0.99, cbs=cbs, start_epoch=phase(0, frozen))
+    learn.unfreeze()
+    half = lr / 2
+    learn.fit_one_cycle(
+        params.epochs, slice(half / 100, half), pct_start=0.3, div=5.0, cbs=cbs,
+        start_epoch=phase(frozen, params.epochs),
+    )  # fmt: skip
 
 
 def _use_gpu_speedups(learn: Learner) -> None:
@@ -280,8 +427,17 @@ def train(
     *,
     on_epoch: Callable[[dict], None] | None = None,
     table: pd.DataFrame | None = None,
+    on_progress: Callable[[float], None] | None = None,
+    checkpoint_dir: str | None = None,
 ) -> TrainResult:
-    """Train on dataset_dir (PASCAL layout). `table` may be a contract report's parsed table."""
+    """Train on dataset_dir (PASCAL layout). `table` may be a contract report's parsed table.
+
+    With `checkpoint_dir` (fsspec URL), every finished epoch is checkpointed there, and a
+    checkpoint already there is resumed: its model, optimizer, RNG state, learning rate and
+    history are restored and training continues at the next epoch (see `_fit`), so the
+    history still has one row per epoch of the whole run. The caller keys the folder by data
+    and parameters (retraining.stage_key) and removes it once the result is saved.
+    """
     t0 = time.perf_counter()
     dataset_dir = Path(dataset_dir)
     if not (dataset_dir / "train").is_dir():
@@ -298,14 +454,28 @@ def train(
     learn = build_learner(dls, params)
     if device == "cuda":
         _use_gpu_speedups(learn)
-    lr = params.lr if params.lr is not None else _find_lr(learn)
-    history: list[dict[str, Any]] = []
-    cbs = [_EpochReporter(history, on_epoch)]
+    resume = _resume(learn, checkpoint_dir, device) if checkpoint_dir else None
+    if resume is not None:
+        lr = resume.lr  # the schedule must peak where the interrupted run's did
+    else:
+        lr = params.lr if params.lr is not None else _find_lr(learn)
+    history: list[dict[str, Any]] = list(resume.history) if resume else []
+    cbs: list[Callback] = [_EpochReporter(history, on_epoch)]
+    if checkpoint_dir:
+        cbs.append(_Checkpointer(checkpoint_dir, history, lr))
+    if on_progress is not None:
+        n_epochs = params.epochs + (params.freeze_epochs if params.pretrained else 0)
+        cbs.append(_ProgressReporter(on_progress, n_epochs))
+    start = resume.epochs_done if resume else 0
+    if resume is not None:
+        total = params.epochs + (params.freeze_epochs if params.pretrained else 0)
+        log.info(
+            "resuming from checkpoint %s: %d of %d epochs done, training from epoch %d",
+            checkpoint_dir, start, total, start,
+        )  # fmt: skip
+        _restore_rngs(learn, resume.state["rng"])
     with learn.no_bar(), learn.no_logging():
-        if params.pretrained:
-            learn.fine_tune(params.epochs, base_lr=lr, freeze_epochs=params.freeze_epochs, cbs=cbs)
-        else:
-            learn.fit_one_cycle(params.epochs, lr, cbs=cbs)
+        _fit(learn, params, lr, cbs, start)
     vocab = [str(v) for v in learn.dls.vocab]
     setattr(
         learn,
@@ -326,6 +496,7 @@ def train(
         n_train=len(learn.dls.train_ds),
         n_valid=len(learn.dls.valid_ds),
         lr=float(lr),
+        resumed_at_epoch=start,
     )
 
 

@@ -131,3 +131,105 @@ def plot_per_label_ap(evaluation: Mapping[str, Any], vocab: Sequence[str]) -> by
     ax.set(title=title, xlabel="average precision", xlim=(0, 1.25))
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
+
+
+_LOSS_KEYS = ("train_loss", "valid_loss")
+_NOT_METRICS = frozenset({"epoch", "time_s", *_LOSS_KEYS})
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]]) -> bytes:
+    """Left: training and validation loss per epoch. Right: every other recorded metric.
+
+    Why both: a validation loss that climbs while the training loss falls is overfitting,
+    which the metrics alone (thresholded) can hide for an epoch or two.
+    """
+    if not history:
+        raise ValueError("no training history to plot (no epoch finished)")
+    epochs = [int(row.get("epoch", i + 1)) for i, row in enumerate(history)]
+    metrics = [k for k in history[0] if k not in _NOT_METRICS]
+    fig = _figure(12 if metrics else 6.5, 4.2)
+    axes = fig.subplots(1, 2 if metrics else 1, squeeze=False)[0]
+    ax = axes[0]
+    for key in _LOSS_KEYS:
+        if any(key in row for row in history):
+            ax.plot(epochs, _floats([row.get(key) for row in history]), "o-", label=key)
+    ax.set(title="Loss per epoch", xlabel="epoch", ylabel="loss")
+    ax.set_xticks(epochs)
+    ax.legend(loc="upper right", fontsize="small")
+    ax.grid(alpha=0.3)
+    if metrics:
+        ax = axes[1]
+        for key in metrics:
+            ax.plot(epochs, _floats([row.get(key) for row in history]), "o-", label=key)
+        ax.set(title="Validation metrics per epoch", xlabel="epoch", ylabel="score")
+        ax.set_xticks(epochs)
+        ax.legend(loc="lower right", fontsize="small")
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def precision_recall_curve(scores: Any, positives: Any) -> tuple[Any, Any]:
+    """Precision and recall at every distinct score as a threshold, highest score first.
+
+    Why by hand: numpy only (no scikit-learn in the image). Ties share one point: all images
+    at a score are kept or dropped together, as a threshold does.
+    """
+    scores, positives = np.asarray(scores, dtype=float), np.asarray(positives, dtype=bool)
+    n_pos = int(positives.sum())
+    if n_pos == 0:
+        return np.array([]), np.array([])
+    order = np.argsort(-scores, kind="stable")
+    s, p = scores[order], positives[order]
+    tp = np.cumsum(p)
+    last_of_tie = np.r_[s[1:] != s[:-1], True]
+    tp, kept = tp[last_of_tie], (np.arange(len(s)) + 1)[last_of_tie]
+    return tp / kept, tp / n_pos
+
+
+def plot_precision_recall(probs: Any, targets: Any, vocab: Sequence[str]) -> bytes:
+    """Each label's precision-recall curve on validation (legend: its support).
+
+    A label without positives in validation has no curve and is named in the title.
+    """
+    probs, targets = np.asarray(probs, dtype=float), np.asarray(targets, dtype=bool)
+    if probs.shape != targets.shape or probs.ndim != 2 or probs.shape[1] != len(vocab):
+        raise ValueError(
+            f"scores {probs.shape} and targets {targets.shape} must both be (images, {len(vocab)})"
+        )
+    fig = _figure(7.5, 6)
+    ax = fig.subplots()
+    missing = []
+    for j, label in enumerate(vocab):
+        precision, recall = precision_recall_curve(probs[:, j], targets[:, j])
+        if not len(precision):
+            missing.append(label)
+            continue
+        n_pos = int(targets[:, j].sum())
+        ax.plot(recall, precision, linewidth=1, label=f"{label} (n={n_pos})")
+    title = f"Precision-recall per label (validation, {len(probs)} images)"
+    if missing:
+        title += f"\nno positives: {', '.join(missing)}"
+    ax.set(title=title, xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.02))
+    if len(missing) < len(vocab):
+        ax.legend(loc="lower left", fontsize="x-small", ncols=2)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_reliability(by_split: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """Reliability diagram per split: share positive against mean score per bin, raw and
+    calibrated (`training.calibration.reliability` bins); the diagonal is perfect calibration."""
+    fig = _figure(5 * len(by_split), 4.5)
+    axes = fig.subplots(1, len(by_split), squeeze=False)[0]
+    for ax, (split, bins) in zip(axes, by_split.items(), strict=True):
+        for key, style in (("before", "o--"), ("after", "s-")):
+            b = bins.get(key) or {}
+            conf, freq = _floats(b.get("confidence", [])), _floats(b.get("frequency", []))
+            ok = np.isfinite(conf) & np.isfinite(freq)
+            ax.plot(conf[ok], freq[ok], style, markersize=4, label=f"{key} calibration")
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+        ax.set(title=f"Reliability ({split})", xlabel="mean score in bin",
+               ylabel="share positive", xlim=(0, 1), ylim=(0, 1.02))  # fmt: skip
+        ax.legend(loc="upper left", fontsize="small")
+        ax.grid(alpha=0.3)
+    return _png(fig)

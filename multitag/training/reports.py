@@ -16,11 +16,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from multitag.errors import MultitagError
-from multitag.training.report_plots import ordered_labels, plot_per_label_ap, plot_threshold_curves
+from multitag.training.report_plots import (
+    ordered_labels,
+    plot_per_label_ap,
+    plot_reliability,
+    plot_threshold_curves,
+)
 
 REPORT_FILE = "report.md"
 CURVES_PNG = "threshold_curves.png"
 AP_PNG = "per_label_ap.png"
+RELIABILITY_PNG = "reliability.png"
 
 # Headline rows, in reading order; only those present in the evaluation are shown.
 HEADLINE = (
@@ -67,11 +73,14 @@ def build_model_report(
     _require(thresholds["curves"], ("thresholds", "global"), "thresholds['curves']")
     _require(evaluation, ("per_label",), "evaluation")
     markdown = render_markdown(metrics, thresholds, evaluation)
-    return {
+    files = {
         REPORT_FILE: markdown.encode("utf-8"),
         CURVES_PNG: plot_threshold_curves(thresholds),
         AP_PNG: plot_per_label_ap(evaluation, thresholds["vocab"]),
     }
+    if _reliability(metrics):
+        files[RELIABILITY_PNG] = plot_reliability(_reliability(metrics))
+    return files
 
 
 def _require(mapping: Mapping[str, Any], keys: Iterable[str], what: str) -> None:
@@ -124,8 +133,10 @@ def render_markdown(
         _test_comparison_section(metrics),
         _thresholds_section(thresholds),
         _per_label_section(thresholds, evaluation),
+        _calibration_section(metrics),
         "## Plots\n\n"
-        f"![Threshold curves]({CURVES_PNG})\n\n![Per-label average precision]({AP_PNG})",
+        f"![Threshold curves]({CURVES_PNG})\n\n![Per-label average precision]({AP_PNG})"
+        + (f"\n\n![Reliability diagram]({RELIABILITY_PNG})" if _reliability(metrics) else ""),
         _training_section(metrics),
         _key_value_section("Lineage", metrics.get("lineage")),
         _key_value_section("Dataset", metrics.get("dataset")),
@@ -234,6 +245,68 @@ def _per_label_section(thresholds: Mapping[str, Any], evaluation: Mapping[str, A
         )
     header = ["Label", "Support", "AP", "F1", "Precision", "Recall", "Threshold", "Source"]
     return "## Per label (validation)\n\n" + table(header, rows)
+
+
+def _calibration_section(metrics: Mapping[str, Any]) -> str:
+    """ECE before/after calibration per split, and each label's map (`training.calibration`)."""
+    cal = metrics.get("calibration")
+    if not isinstance(cal, Mapping):
+        return ""
+    found = cal.get("ece")
+    ece: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    splits = [s for s in ("validation", "test") if isinstance(ece.get(s), Mapping)]
+    rows = [
+        [
+            split + (" (in-sample: the map was fitted here)" if split == "validation" else
+                     " (held out)"),
+            ece[split].get("n_images"),
+            ece[split].get("before"),
+            ece[split].get("after"),
+        ]
+        for split in splits
+    ]  # fmt: skip
+    intro = (
+        f"`scores` in the tags output are calibrated probabilities ({cal.get('method')}: "
+        "score = sigmoid(slope * logit(raw) + bias) per label, fitted on validation, slope > 0). "
+        "Labels are still decided on the raw score at the threshold; the same decision is "
+        "score > score threshold. ECE (expected calibration error): "
+        f"{cal.get('ece_bins', 'equal-width bins')}; lower is better."
+    )
+    out = "## Calibration\n\n" + intro + "\n\n"
+    out += table(["Split", "Images", "ECE before", "ECE after"], rows)
+    per_label = cal.get("per_label")
+    if isinstance(per_label, Mapping):
+        by_split = {s: ece[s].get("per_label") or {} for s in splits}
+        header = ["Label", "Slope", "Bias", "Fitted", "Threshold", "Score threshold"]
+        header += [f"ECE {s} before -> after" for s in splits]
+        label_rows = []
+        for label, p in per_label.items():
+            p = p if isinstance(p, Mapping) else {}
+            cells = [
+                f"{fmt((by_split[s].get(label) or {}).get('before'))} -> "
+                f"{fmt((by_split[s].get(label) or {}).get('after'))}"
+                for s in splits
+            ]
+            fitted = "yes" if p.get("fitted") else p.get("reason", "no")
+            label_rows.append(
+                [label, p.get("slope"), p.get("bias"), fitted, p.get("threshold"),
+                 p.get("score_threshold"), *cells]
+            )  # fmt: skip
+        out += "\n\n" + table(header, label_rows)
+    return out
+
+
+def _reliability(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """{split: {"before": bins, "after": bins}} for the reliability plot; {} when absent."""
+    cal = metrics.get("calibration")
+    ece = cal.get("ece") if isinstance(cal, Mapping) else None
+    if not isinstance(ece, Mapping):
+        return {}
+    return {
+        split: v["reliability"]
+        for split, v in ece.items()
+        if isinstance(v, Mapping) and isinstance(v.get("reliability"), Mapping)
+    }
 
 
 def _training_section(metrics: Mapping[str, Any]) -> str:

@@ -30,9 +30,11 @@ from multitag.hashing import sha256_bytes, sha256_file
 from multitag.inference import measure
 from multitag.inference.imaging import decode_image
 from multitag.inference.sampling import decode_spread
+from multitag.registry.layout import CALIBRATION_FILE
+from multitag.registry.versions import THRESHOLD_PARAMS_KEY
 from multitag.runtime import library_versions
 from multitag.storage import write_bytes_atomic
-from multitag.training import lineage, reports
+from multitag.training import calibration, checkpoints, lineage, reports
 from multitag.training import thresholds as th
 from multitag.training.baselines import label_prior_baselines
 from multitag.training.thresholds import ThresholdSet
@@ -47,6 +49,7 @@ STAGE_VALID = "valid_preds.npz"
 STAGE_TEST = "test_preds.npz"
 STAGE_THRESHOLDS = "thresholds.json"
 STAGE_EVALUATION = "evaluation.json"
+STAGE_CALIBRATION = CALIBRATION_FILE  # per-label Platt scaling, fitted on validation
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,14 @@ def train_stage(
     stage_dir: str | Path,
     *,
     on_epoch: Callable[[dict], None] | None = None,
+    on_progress: Callable[[float], None] | None = None,
+    checkpoint_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Train, then save the provisional learner and validation/test predictions to `stage_dir`."""
+    """Train, then save the provisional learner and validation/test predictions to `stage_dir`.
+
+    `checkpoint_dir` (see checkpoints.checkpoint_location): per-epoch checkpoints go there and a
+    killed run resumes from them; they are removed once train.json is written.
+    """
     from multitag.training import learner
 
     dataset_dir, stage = Path(dataset_dir), Path(stage_dir)
@@ -126,7 +135,10 @@ def train_stage(
     # One parse of train.csv, by the contract's rules (is_valid spellings come from its YAML);
     # the images were already checked by the validate step, so they are not opened again.
     table = contracts.validate_dataset(dataset_dir, check_images=False).table
-    result = learner.train(dataset_dir, params, on_epoch=on_epoch, table=table)
+    result = learner.train(
+        dataset_dir, params, on_epoch=on_epoch, table=table, on_progress=on_progress,
+        checkpoint_dir=checkpoint_dir,
+    )  # fmt: skip
     probs, targets = learner.predict_validation(result.learner)
     _save_npz(stage / STAGE_VALID, probs=probs, targets=targets)
     test = _read_test_labels(dataset_dir, result.vocab)
@@ -145,6 +157,7 @@ def train_stage(
         "prevalence": label_prevalence(table, result.vocab),
         "inference": learner.inference_spec(result.learner),
         "has_test_set": test is not None,
+        "resumed_at_epoch": result.resumed_at_epoch,
         # What a later run reusing this stage checks before it trusts (and unpickles) it.
         "sha256": {
             name: sha256_file(stage / name)
@@ -153,6 +166,8 @@ def train_stage(
         },
     }
     _write_json(stage / STAGE_TRAIN, summary)
+    if checkpoint_dir:  # the stage is the result now; a rerun reuses it, not the checkpoints
+        checkpoints.clear_checkpoints(checkpoint_dir)
     return summary
 
 
@@ -180,8 +195,26 @@ def threshold_stage(stage_dir: str | Path, params: ThresholdParams) -> dict[str,
         ).to_dict()
         evaluation["test_global_policy"] = _global_policy_on_test(valid, test, vocab, params)
         evaluation["test_best_global"] = _best_global_on(test["probs"], test["targets"], vocab)
+    evaluation["calibration"] = calibration_stage(stage, chosen, params)
+    # What "no new data" compares (`registry.find_version_trained_on`): same data, same params.
+    evaluation[THRESHOLD_PARAMS_KEY] = params.model_dump(mode="json")
     _write_json(stage / STAGE_EVALUATION, evaluation)
     return {"thresholds": chosen.to_json(), "evaluation": evaluation}
+
+
+def calibration_stage(stage: Path, chosen: ThresholdSet, params: ThresholdParams) -> dict[str, Any]:
+    """Fit per-label calibration on validation, write calibration.json, and return the summary
+    for metrics.json with ECE before/after on validation (in-sample) and on test (held out)."""
+    valid = np.load(stage / STAGE_VALID)
+    cal = calibration.fit(
+        valid["probs"], valid["targets"], chosen.vocab, min_positives=params.min_positives
+    )
+    _write_json(stage / STAGE_CALIBRATION, cal.to_json())
+    ece = {"validation": calibration.ece_before_after(cal, valid["probs"], valid["targets"])}
+    if (stage / STAGE_TEST).exists():
+        test = np.load(stage / STAGE_TEST)
+        ece["test"] = calibration.ece_before_after(cal, test["probs"], test["targets"])
+    return calibration.summary(cal, chosen.as_array(), ece)
 
 
 def _global_policy_on_test(
@@ -213,8 +246,12 @@ def register_stage(
     dataset: dict[str, Any],
     contract_summary: dict[str, Any],
     fastpath_check_images: int = 1000,
+    model_name: str | None = None,
 ) -> str:
     """Finalise the learner with its thresholds and write an immutable registry version.
+
+    `model_name`: the registry model name (version.json and metrics["name"]); default the
+    dataset's name, made a valid name (`registry.default_model_name`).
 
     With `fastpath_check_images` > 0 and the dataset on this worker, the CPU fast path is
     exported and checked on that many validation images (`export_fastpath`) and registered
@@ -237,6 +274,7 @@ def register_stage(
     metrics = {
         "validation": evaluation["validation"],
         "baselines": evaluation.get("baselines"),
+        THRESHOLD_PARAMS_KEY: evaluation.get(THRESHOLD_PARAMS_KEY),
         "test": evaluation.get("test"),
         "test_global_policy": evaluation.get("test_global_policy"),
         "test_best_global": evaluation.get("test_best_global"),
@@ -252,6 +290,7 @@ def register_stage(
         "train_none_rate": train_info["prevalence"]["none"],
         "library_versions": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "name": model_name or registry.default_model_name(dataset.get("name")),
     }
     extra: dict[str, Path] = {}
     dataset_dir = Path(str(dataset.get("local_path") or ""))
@@ -270,6 +309,9 @@ def register_stage(
         except Exception as exc:  # any exporter failure: recorded, the model registers without
             log.warning("no fast path for this model (tagging will check one): %s", exc)
             metrics["fastpath"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if evaluation.get("calibration") and (stage / STAGE_CALIBRATION).is_file():
+        metrics["calibration"] = evaluation["calibration"]
+        extra = {**extra, CALIBRATION_FILE: stage / STAGE_CALIBRATION}
     report_files = reports.build_model_report(metrics, thresholds, evaluation["validation"])
     return registry.register_model(
         home,
@@ -279,6 +321,7 @@ def register_stage(
         inference=train_info["inference"],
         report_files=report_files,
         extra_files=extra,
+        name=metrics["name"],
     )
 
 

@@ -69,9 +69,49 @@ def test_tag_images_runs_on_the_cpu_pool_with_source_and_output(
     tag = deployments["tag-images"]
     assert tag["entrypoint"] == "flows/tag.py:tag_images"
     assert tag["work_pool"]["name"] == "cpu"
-    params = tag["parameters"]["params"]
+    params = tag["parameters"]  # flat: one per TagParams field (issue 18)
     assert params["source"] == "{{ $MULTITAG_TAG_SOURCE }}"
     assert params["out"] == "{{ $MULTITAG_TAG_OUT }}"
+
+
+def test_tag_images_runs_every_few_minutes_and_on_promotion(
+    deployments: dict[str, dict[str, Any]],
+) -> None:
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from multitag.config import TagParams
+
+    tag = deployments["tag-images"]
+    (schedule,) = tag["schedules"]
+    interval = IntervalSchedule(interval=schedule["interval"]).interval.total_seconds()
+    assert 60 <= interval <= 3600 and schedule["active"] is True
+    (raw,) = tag["triggers"]
+    trigger = DeploymentEventTrigger.model_validate(raw)
+    assert trigger.expect == {"multitag.model.promoted"}
+    assert trigger.match.model_dump() == {"prefect.resource.id": "multitag.model.*"}
+    assert trigger.posture.value == "Reactive" and trigger.threshold == 1
+    # It sets flat parameters of the flow: the promoted version, templated from the event.
+    assert trigger.parameters == {"model": "{{ event.payload.version }}"}
+    assert set(trigger.parameters) <= set(TagParams.model_fields)
+
+
+def test_drift_automation_file_is_a_valid_automation() -> None:
+    """infra/automations/drift-notify.yaml, as `prefect automation create --from-file` reads it
+    once `envsubst` has put a notification block's id in."""
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import AutomationCore
+
+    text = (INFRA / "automations" / "drift-notify.yaml").read_text()
+    assert "${MULTITAG_NOTIFY_BLOCK_ID}" in text
+    block_id = "00000000-0000-4000-8000-000000000000"
+    automation = AutomationCore.model_validate(
+        yaml.safe_load(text.replace("${MULTITAG_NOTIFY_BLOCK_ID}", block_id))
+    )
+    assert automation.trigger.expect == {"multitag.drift.flagged"}  # type: ignore[union-attr]
+    (action,) = automation.actions
+    assert isinstance(action, SendNotification) and str(action.block_document_id) == block_id
+    assert "event.payload.flagged" in action.body
 
 
 def test_parameters_validate_against_the_flow_parameter_models(
@@ -82,7 +122,7 @@ def test_parameters_validate_against_the_flow_parameter_models(
     retrain = RetrainParams.model_validate(deployments["retrain"]["parameters"]["params"])
     assert retrain.data == PASCAL_2007_URL
     assert retrain.home is None  # the worker's MULTITAG_HOME
-    tag_params = deployments["tag-images"]["parameters"]["params"]
+    tag_params = deployments["tag-images"]["parameters"]
     # As stored before `prefect deploy` fills the templates: refused, naming the variable.
     with pytest.raises(ValueError, match="MULTITAG_TAG_SOURCE"):
         TagParams.model_validate(tag_params)

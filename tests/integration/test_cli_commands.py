@@ -25,7 +25,7 @@ def test_models_list_show_promote(tmp_path: Path, capsys: pytest.CaptureFixture[
     champion_line = next(line for line in out.splitlines() if tiny.version in line)
     assert champion_line.startswith("*") and other in out
 
-    assert main(["models", "show", other, "--home", str(home)]) == 0
+    assert main(["models", "show", other, "--home", str(home), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == other and "metrics" in shown
 
@@ -33,6 +33,65 @@ def test_models_list_show_promote(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert registry.get_champion(str(home))["version"] == other
     assert main(["models", "show", "no-such-version", "--home", str(home)]) == 2
     assert "no-such-version" in capsys.readouterr().err
+
+
+def test_models_json_is_one_object_on_stdout_and_people_read_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    tiny = register_tiny_model(home, tmp_path / "work")
+    other = tiny.register_copy("v-other")
+
+    assert main(["models", "list", "--home", str(home), "--json"]) == 0
+    out, err = capsys.readouterr()
+    listed = json.loads(out)
+    assert listed["exit_code"] == 0 and tiny.version in err  # the table, for people
+    assert {r["version"] for r in listed["versions"]} == {tiny.version, other}
+    assert [r["version"] for r in listed["versions"] if r.get("is_champion")] == [tiny.version]
+
+    assert main(["models", "show", tiny.version, "--home", str(home), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    for key in ("name", "lineage", "baselines", "calibration", "thresholds", "files"):
+        assert key in shown, key
+
+    assert main(["models", "promote", other, "--home", str(home), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["champion"] == other and other in err
+
+    assert main(["models", "show", "no-such-version", "--home", str(home), "--json"]) == 2
+    out, err = capsys.readouterr()
+    failed = json.loads(out)
+    assert failed["exit_code"] == 2 and "no-such-version" in failed["error"]
+    assert "no-such-version" in err
+
+
+def test_models_show_for_people_names_lineage_baselines_and_calibration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import format_version
+
+    home = tmp_path / "home"
+    tiny = register_tiny_model(home, tmp_path / "work")
+    assert main(["models", "show", tiny.version, "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"version: {tiny.version}  (champion)")
+    assert "mAP:" in out and "per_label:" in out
+    assert "baselines: none recorded" in out  # the tiny model predates them
+
+    text = format_version(
+        {
+            "version": "v1",
+            "name": "cats",
+            "metrics": {"validation": {"n_images": 30, "mAP": 0.91, "per_label": {}}},
+            "baselines": {"mAP": 0.845},
+            "lineage": {"dataset_sha256": "ab" * 32, "rows": {"train": 20, "valid": 10}},
+            "calibration": {"method": "temperature", "ece_after": {"validation": 0.02}},
+        }
+    )
+    for line in ("name: cats", "  mAP: 0.9100", "baselines:", "  mAP: 0.8450", "lineage:",
+                 f"  dataset_sha256: {'ab' * 32}", "    train: 20", "calibration:",
+                 "  method: temperature", "    validation: 0.0200"):  # fmt: skip
+        assert line in text.splitlines(), line
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -55,11 +114,14 @@ def test_retrain_cli_exits_nonzero_on_a_broken_contract(
             "32",
             "--home",
             str(tmp_path / "home"),
+            "--json",
         ]
     )
     assert rc == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "breaks its data contract" in err and "contract_report.csv" in err
+    answer = json.loads(out)  # with --json: one object on stdout, the logs on stderr
+    assert answer["exit_code"] == 1 and "breaks its data contract" in answer["error"]
 
 
 def test_retrain_cli_rejects_bad_parameters(capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,8 +62,9 @@ def test_tag_runs_on_one_early_server_and_its_records_are_complete(
     head = [shard["n_head_start"] for shard in manifest["shards"]]
     assert head[1:] == [0, 0] and 0 <= head[0] <= 8 and manifest["tagged"] == 24, head
     artifacts = dict(db.execute("select key, data from artifact").fetchall())
-    assert {"tagging-progress", "tagging-summary", "label-rates"} <= set(artifacts)
-    assert float(artifacts["tagging-progress"]) == 100.0
+    # Keys carry the dataset (the source folder `imgs`), so datasets' histories stay apart.
+    assert {"tagging-progress-imgs", "tagging-summary-imgs", "label-rates-imgs"} <= set(artifacts)
+    assert float(artifacts["tagging-progress-imgs"]) == 100.0
     # The outer flow's last log line is written after its final state, just before exit.
     last_logs = db.execute(
         "select l.message from log l join flow_run f on f.id = l.flow_run_id "

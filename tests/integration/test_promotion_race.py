@@ -6,6 +6,7 @@ have read the same champion, so their compare-and-swaps really collide (a round 
 after the other would record no lost swap, and the test asserts one per round). What must
 hold: the best model is champion, the decision log's promotions form one unbroken chain that
 ends at the pointer, and every decision was judged against the champion the pointer held.
+The candidates share one model name (NAME), so they race on that name's chain.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.local_servers import moto_server
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = ["a", "b"]
+NAME = "race"
 # Candidates per round, each raced by its own process, both better than the champion before
 # the round (so both attempt a swap); the best overall must end up champion.
 ROUNDS = [(0.60, 0.80), (0.90, 0.85), (0.97, 0.99)]
@@ -44,8 +46,8 @@ _PROMOTER = textwrap.dedent(
     real_head = champion._chain_head
     first = [True]
 
-    def head_then_wait(h):
-        head = real_head(h)
+    def head_then_wait(h, name):
+        head = real_head(h, name)
         if first[0]:  # only the first read: a lost swap re-reads without waiting
             first[0] = False
             (barrier / str(os.getpid())).touch()
@@ -81,6 +83,7 @@ def register(home: str, work: Path, value: float, version: str) -> str:
         inference={"img_size": 8, "mean": [0.5] * 3, "std": [0.2] * 3, "vocab": VOCAB},
         report_files={},
         version=version,
+        name=NAME,
     )
 
 
@@ -120,8 +123,9 @@ def run_rounds(home: str, tmp_path: Path) -> None:
         assert sum(d["lost_swaps"] for d in decisions) >= 1, decisions
         best = max(values, key=values.__getitem__)
         champion = registry.get_champion(home)
-        assert champion["version"] == best
-        assert json.loads(read_bytes(join(home, "models", "champion.json"))) == champion
+        assert champion["version"] == best and champion == registry.get_champion(home, NAME)
+        pointer = join(home, "models", "_champion", NAME, "champion.json")
+        assert json.loads(read_bytes(pointer)) == champion
         assert_log_is_one_chain_ending_at(home, champion, values, n_decisions=len(values))
 
 

@@ -6,6 +6,7 @@ SIGKILL lands mid-flow exactly as a lost worker would.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,7 +93,7 @@ def test_unreachable_bucket_fails_fast_naming_the_uri(tiny: TinyModel, tmp_path:
     }
     t0 = time.monotonic()
     done = subprocess.run(
-        _cli("tag", "s3://no-such-bucket/photos", "--out", str(tmp_path / "o")),
+        _cli("tag", "s3://no-such-bucket/photos", "--out", str(tmp_path / "o"), "--json"),
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -105,3 +106,27 @@ def test_unreachable_bucket_fails_fast_naming_the_uri(tiny: TinyModel, tmp_path:
     # No task-level retries on top of the client's own (the ephemeral server start dominates).
     assert "Retrying" not in done.stdout + done.stderr
     assert time.monotonic() - t0 < 120
+    answer = json.loads(done.stdout)  # --json: one object on stdout, the logs on stderr
+    assert answer["exit_code"] == 1 and "s3://no-such-bucket/photos" in answer["error"]
+
+
+def test_json_result_is_the_only_thing_on_stdout(tiny: TinyModel, tmp_path: Path) -> None:
+    """A script reads the run's result from stdout; Prefect's logs and the summary go to stderr."""
+    src = tmp_path / "imgs"
+    write_images(src, 12, seed=6)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        _cli("tag", str(src), "--out", str(out), "--shard-size", "8", "--json"),
+        env=_env(tiny, tmp_path / "prefect"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert (result["exit_code"], result["tagged"], result["failed"]) == (0, 12, 0)
+    assert result["model_version"] == tiny.version
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    assert manifest["tagged"] == 12
+    assert "tagged 12, failed 0" in done.stderr and "Finished in state" in done.stderr

@@ -26,7 +26,7 @@ def test_tag_flow_on_a_local_dask_cluster_tags_each_image_once(tmp_path: Path) -
         dask_local_workers=2,
     )
     assert params.on_dask and type(dask_runner_for(params)).__name__ == "DaskTaskRunner"
-    state = tag_images(params, return_state=True)
+    state = tag_images(**params.model_dump(), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["tagged"] == 48

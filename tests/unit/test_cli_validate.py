@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,29 @@ def test_unusable_input_exits_2_with_message_on_stderr(
     assert out == ""
     assert err.startswith("multitag validate: cannot use this dataset:")
     assert {"no-dir": "not found", "no-csv": "no train.csv", "not-utf8": "UTF-8"}[case] in err
+
+
+def test_json_answers_with_one_object_for_each_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 contract holds, 1 broken (the violations listed), 2 unusable: stdout is JSON only."""
+    good = write_dataset(tmp_path / "good", csv_text(GOOD_ROWS))
+    bad = write_dataset(tmp_path / "bad", csv_text([*GOOD_ROWS, "../x.jpg,dog,False"]))
+
+    assert main(["validate", str(good), "--json"]) == 0
+    out, err = capsys.readouterr()
+    held = json.loads(out)
+    assert (held["ok"], held["exit_code"], held["n_rows"], held["errors"]) == (True, 0, 4, [])
+    assert "Contract holds" in err  # the text for people, on stderr
+
+    assert main(["validate", str(bad), "--json"]) == 1
+    broken = json.loads(capsys.readouterr().out)
+    assert broken["exit_code"] == 1 and not broken["ok"] and "breaks" in broken["error"]
+    assert [v["rule"] for v in broken["errors"]] == ["fname.inside_root"]
+
+    assert main(["validate", str(tmp_path / "nope"), "--json"]) == 2
+    unusable = json.loads(capsys.readouterr().out)
+    assert unusable["exit_code"] == 2 and "not found" in unusable["error"]
 
 
 def test_bad_arguments_and_help(capsys: pytest.CaptureFixture[str]) -> None:

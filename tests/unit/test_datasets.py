@@ -19,6 +19,7 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -578,7 +579,7 @@ def test_folder_without_the_layout_is_refused(remove: str, missing: str, tmp_pat
 @pytest.mark.parametrize(
     ("url", "match"),
     [
-        ("s3://bucket/data.tgz", "unsupported scheme 's3'"),
+        ("nosuchfs://bucket/data.tgz", "unsupported scheme 'nosuchfs'"),
         ("https://example.invalid/download?id=3", "does not name an archive"),
         ("file://otherhost/data.tgz", "this machine"),
     ],
@@ -752,3 +753,151 @@ def test_retrain_takes_the_archive_sha256_from_the_cli() -> None:
     bad = build_parser().parse_args(["retrain", "--data", "x.tgz", "--data-sha256", "abc"])
     with pytest.raises(ValidationError, match="data_sha256"):
         _retrain_params(bad)
+
+
+# ------------------------------------------- issue 17: any fsspec URL (memory:// stands in)
+
+
+@pytest.fixture
+def memfs() -> Iterator[Any]:
+    """fsspec's in-memory store (process-wide), emptied after the test."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    yield fs
+    fs.rm("/mt", recursive=True) if fs.exists("/mt") else None
+
+
+def upload_folder(fs: Any, src: Path, prefix: str) -> None:
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        fs.pipe(f"{prefix}/{path.relative_to(src).as_posix()}", path.read_bytes())
+
+
+def data_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+
+
+class GetSpy:
+    """Records the objects a (sync) store downloads: its `get` goes through `get_file`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fs: Any) -> None:
+        self.paths: list[str] = []
+        real_get_file = type(fs).get_file
+
+        def get_file(this: object, rpath: str, lpath: str, *a: object, **kw: object) -> object:
+            self.paths.append(rpath)
+            return real_get_file(this, rpath, lpath, *a, **kw)
+
+        monkeypatch.setattr(type(fs), "get_file", get_file)
+
+
+def test_fsspec_folder_is_pulled_by_content_and_unchanged_files_are_reused(
+    memfs: Any, tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitag.data.fingerprint import fingerprint_folder
+
+    src = make_tiny_dataset(tmp_path / "tiny")
+    upload_folder(memfs, src, "/mt/data")
+    memfs.pipe("/mt/data/_reports/contract_report.csv", b"ours, not data")
+    spy = GetSpy(monkeypatch, memfs)
+
+    first = acquire("memory://mt/data/", str(home))
+    assert data_files(first) == data_files(src)  # identical bytes, our _reports/ left out
+    assert fingerprint_folder(first).sha256 == fingerprint_folder(src).sha256
+    assert len(spy.paths) == len(data_files(src))
+
+    spy.paths.clear()
+    assert acquire("memory://mt/data", str(home)) == first  # same listing: no download
+    assert spy.paths == []
+
+    (src / "train" / "001.jpg").write_bytes(b"relabelled and re-encoded")
+    memfs.pipe("/mt/data/train/001.jpg", (src / "train" / "001.jpg").read_bytes())
+    memfs.pipe("/mt/data/train/new.jpg", b"added")
+    (src / "train" / "new.jpg").write_bytes(b"added")
+    second = acquire("memory://mt/data", str(home))
+    assert second != first and first.is_dir()  # a new content key; the old pull stays
+    assert data_files(second) == data_files(src)
+    assert sorted(spy.paths) == ["/mt/data/train/001.jpg", "/mt/data/train/new.jpg"]
+    assert fingerprint_folder(second).sha256 != fingerprint_folder(first).sha256
+    assert not [p for p in tree(home / "datasets") if ".tmp-" in p or p.endswith(".part")]
+
+
+def test_only_the_two_newest_pulls_of_a_url_stay_on_disk(
+    memfs: Any, tmp_path: Path, home: Path
+) -> None:
+    src = make_tiny_dataset(tmp_path / "tiny")
+    upload_folder(memfs, src, "/mt/data")
+    pulls = []
+    for i in range(3):
+        memfs.pipe("/mt/data/train/extra.jpg", f"version {i}".encode())
+        pulls.append(acquire("memory://mt/data", str(home)))
+    assert len(set(pulls)) == 3
+    assert [p.is_dir() for p in pulls] == [False, True, True]
+
+
+def test_fsspec_folder_without_the_layout_is_refused_before_any_download(
+    memfs: Any, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memfs.pipe("/mt/data/train/a.jpg", b"x")
+    spy = GetSpy(monkeypatch, memfs)
+    with pytest.raises(DatasetError, match=r"train\.csv missing") as err:
+        acquire("memory://mt/data", str(home))
+    assert not err.value.retryable and spy.paths == []
+    with pytest.raises(DatasetError, match="no files under") as err:
+        acquire("memory://mt/nothing-here", str(home))
+    assert not err.value.retryable
+
+
+def test_fsspec_object_names_that_climb_out_are_refused(memfs: Any, home: Path) -> None:
+    memfs.pipe("/mt/data/train.csv", b"fname,labels,is_valid\n")
+    memfs.pipe("/mt/data/train//a.jpg", b"x")
+    with pytest.raises(DatasetError, match="path segment"):
+        acquire("memory://mt/data", str(home))
+
+
+def test_fsspec_archive_is_downloaded_once_and_extracted(
+    memfs: Any, tiny_archive: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memfs.pipe("/mt/archives/tiny.tgz", tiny_archive.read_bytes())
+    spy = GetSpy(monkeypatch, memfs)
+    path = acquire("memory://mt/archives/tiny.tgz", str(home))
+    assert (path / "train.csv").is_file() and (path / MANIFEST_NAME).is_file()
+    assert acquire("memory://mt/archives/tiny.tgz", str(home)) == path
+    assert spy.paths == ["/mt/archives/tiny.tgz"]
+
+
+def test_a_store_failure_while_pulling_is_retryable_and_installs_nothing(
+    memfs: Any, tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tiny_dataset(tmp_path / "tiny")
+    upload_folder(memfs, src, "/mt/data")
+
+    def expired(*args: object, **kwargs: object) -> None:
+        raise PermissionError("ExpiredToken: the provided token has expired")
+
+    monkeypatch.setattr(type(memfs), "get", expired)
+    with pytest.raises(DatasetError, match="credential") as err:
+        acquire("memory://mt/data", str(home))
+    assert err.value.retryable
+    assert dataset_dirs(home) == [] and leftovers(home) == []
+
+
+def test_a_file_that_changes_during_the_pull_fails_it(
+    memfs: Any, tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tiny_dataset(tmp_path / "tiny")
+    upload_folder(memfs, src, "/mt/data")
+    real_get = type(memfs).get
+
+    def rewrite_then_get(this: object, rpath: object, lpath: object, **kw: object) -> object:
+        memfs.pipe("/mt/data/train/000.jpg", b"a longer, newer upload")
+        return real_get(this, rpath, lpath, **kw)
+
+    monkeypatch.setattr(type(memfs), "get", rewrite_then_get)
+    with pytest.raises(DatasetError, match="changed while it was downloaded") as err:
+        acquire("memory://mt/data", str(home))
+    assert err.value.retryable and dataset_dirs(home) == []

@@ -133,6 +133,12 @@ def vfile(home: str, version: str, name: str) -> str:
     return join(home, "models", version, name)
 
 
+def pointer_uri(home: str) -> str:
+    """The readable champion pointer of the model name these tests register under: versions
+    are named after metrics["dataset"]["name"] by default."""
+    return join(home, "models", "_champion", "shapes", "champion.json")
+
+
 # ---------------------------------------------------------------------------- round trip
 
 
@@ -391,7 +397,7 @@ def test_file_added_after_registration_refused(home: str, tmp_path: Path, loader
 def test_champion_pointer_with_wrong_sha_refused(home: str, tmp_path: Path, loader: FakeLoader):
     version = register(home, tmp_path)
     registry.promote_if_better(home, version, "mAP")
-    uri = join(home, "models", "champion.json")
+    uri = pointer_uri(home)
     champion = json.loads(read_bytes(uri))
     write_bytes_atomic(uri, json.dumps({**champion, "sha256": "0" * 64}).encode())
     with pytest.raises(IntegrityError, match=r"champion\.json"):
@@ -531,7 +537,7 @@ def test_s3_round_trip_and_tamper(s3_home: str, tmp_path: Path, loader: FakeLoad
 
 
 def raw_champion(home: str) -> dict[str, Any]:
-    return json.loads(read_bytes(join(home, "models", "champion.json")))
+    return json.loads(read_bytes(pointer_uri(home)))
 
 
 def test_promotion_chain_and_decision_log_agree_with_the_pointer(home: str, tmp_path: Path):
@@ -558,8 +564,8 @@ def _intrude_once(monkeypatch: pytest.MonkeyPatch, intrude: Any) -> None:
     real = champion._chain_head
     pending = [intrude]
 
-    def head_then_intrude(home: str | None) -> Any:
-        head = real(home)
+    def head_then_intrude(home: str | None, name: str) -> Any:
+        head = real(home, name)
         if pending:
             pending.pop()()
         return head
@@ -627,7 +633,7 @@ def test_an_altered_champion_pointer_is_refused_at_tag_time(
     registry.promote_if_better(home, version, "mAP")
     params = TagParams(source=str(tmp_path), home=home)
     assert tagging.resolve_model_version(params) == version
-    uri = join(home, "models", "champion.json")
+    uri = pointer_uri(home)
     good = read_bytes(uri)
     write_bytes_atomic(uri, json.dumps({**json.loads(good), "sha256": "0" * 64}).encode())
     with pytest.raises(IntegrityError, match=r"champion\.json .*was not used"):
@@ -636,7 +642,7 @@ def test_an_altered_champion_pointer_is_refused_at_tag_time(
     legacy = {"version": version, "sha256": "1" * 64, "metric": "mAP", "value": 0.9}
     fs, path = fsspec.core.url_to_fs(join(home, "models", "_champion"))
     fs.rm(path, recursive=True)
-    write_bytes_atomic(uri, json.dumps(legacy).encode())
+    write_bytes_atomic(join(home, "models", "champion.json"), json.dumps(legacy).encode())
     with pytest.raises(IntegrityError, match=r"champion\.json names .*1111.*SHA256SUMS says"):
         tagging.resolve_model_version(params)
     assert loader.calls == []

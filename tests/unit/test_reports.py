@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from typing import Any
 
@@ -11,9 +12,11 @@ import pytest
 from PIL import Image
 
 from multitag.config import ThresholdParams
+from multitag.training import calibration
 from multitag.training.reports import (
     AP_PNG,
     CURVES_PNG,
+    RELIABILITY_PNG,
     REPORT_FILE,
     ReportError,
     build_model_report,
@@ -197,3 +200,49 @@ def test_inline_images_embeds_pngs_for_the_ui():
     out = inline_images(md, {CURVES_PNG: b"\x89PNG-a", AP_PNG: b"\x89PNG-b"})
     assert f"]({CURVES_PNG})" not in out and f"]({AP_PNG})" not in out
     assert out.count("](data:image/png;base64,") == 2
+
+
+def calibration_summary() -> dict[str, Any]:
+    """A real `calibration.summary` of overconfident scores (test: other draws, held out)."""
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        z = rng.normal(0, 1.5, (n, len(VOCAB)))
+        return calibration.sigmoid(3 * z), rng.random(z.shape) < calibration.sigmoid(z)
+
+    (vp, vy), (tp, ty) = draw(600), draw(400)
+    vy[:, 2] = False  # star: no positives -> identity
+    fit = calibration.fit(vp, vy, VOCAB, min_positives=20)
+    ece = {
+        "validation": calibration.ece_before_after(fit, vp, vy),
+        "test": calibration.ece_before_after(fit, tp, ty),
+    }
+    return calibration.summary(fit, [0.35, 0.4, 0.4], json.loads(json.dumps(ece)))
+
+
+def test_calibration_section_and_reliability_plot():
+    m = {**metrics(), "calibration": calibration_summary()}
+    files = build_model_report(m, thresholds(), evaluation())
+    md = files[REPORT_FILE].decode()
+    ece = m["calibration"]["ece"]
+    rows = {r[0].split(" (")[0]: r[1:] for r in table_rows(md, "Calibration")}
+    assert rows["validation"] == [
+        "600",
+        f"{ece['validation']['before']:.4f}",
+        f"{ece['validation']['after']:.4f}",
+    ]
+    assert rows["test"][0] == "400"
+    assert float(rows["test"][2]) < float(rows["test"][1])  # overconfident scores: ECE falls
+    assert "in-sample" in md and "held out" in md
+    per_label = md.split("## Calibration\n", 1)[1].split("\n## ", 1)[0].split("| Label |")[1]
+    star = next(ln for ln in per_label.splitlines() if ln.startswith("| star |"))
+    assert "| 1.0000 | 0.0000 | identity: 0 positives" in star
+    assert f"]({RELIABILITY_PNG})" in md
+    with Image.open(io.BytesIO(files[RELIABILITY_PNG])) as img:
+        assert img.format == "PNG" and img.width > 500
+        assert np.asarray(img.convert("L")).std() > 5
+
+
+def test_no_calibration_section_for_versions_without_one():
+    files = build_model_report(metrics(), thresholds(), evaluation())
+    assert "## Calibration" not in files[REPORT_FILE].decode() and RELIABILITY_PNG not in files

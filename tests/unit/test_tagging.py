@@ -324,7 +324,7 @@ def test_progress_reports_reach_the_total(tiny: TinyModel, tmp_path: Path) -> No
 
     write_images(tmp_path / "src", 21)
     params = params_for(tiny, tmp_path / "src", tmp_path / "out", max_concurrency=2)
-    state = tag_images(params, return_state=True)
+    state = tag_images(**params.model_dump(), return_state=True)
     assert state.is_completed(), state.message
     summary = read_summary(state.result()["manifest"])
     # The progress artifact (what the UI shows) reached 100% of the images...
@@ -334,7 +334,7 @@ def test_progress_reports_reach_the_total(tiny: TinyModel, tmp_path: Path) -> No
                 flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
             )
         )
-    (progress,) = [a for a in arts if a.key == "tagging-progress"]
+    (progress,) = [a for a in arts if a.key == "tagging-progress-src"]  # key per dataset
     assert float(progress.data) == 100.0  # type: ignore[arg-type]
     # ... counted over every planned shard: 21 images in 3 shards, all done.
     assert sum(r.n_images for r in summary.shards) == summary.tagged == 21

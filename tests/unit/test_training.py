@@ -15,7 +15,8 @@ import pytest
 
 from multitag.config import TrainParams, shapes_train_params
 from multitag.data.shapes import SHAPE_CLASSES, make_shapes_dataset
-from multitag.training import learner
+from multitag.hashing import sha256_bytes
+from multitag.training import checkpoints, learner
 
 SEED = 11
 
@@ -314,3 +315,182 @@ def test_shapes_cnn_with_pretrained_is_refused(tiny_dataset: Path) -> None:
 def test_missing_train_folder(tmp_path: Path) -> None:
     with pytest.raises(learner.TrainingError, match="train/"):
         learner.train(tmp_path, shapes_train_params())
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class _Crash(Exception):
+    """Stands in for a kill: raised from on_epoch, before that epoch's checkpoint is written."""
+
+
+def _crash_at(epoch: int):
+    def on_epoch(row: dict) -> None:
+        if row["epoch"] == epoch:
+            raise _Crash(f"crash after epoch {epoch}")
+
+    return on_epoch
+
+
+def test_checkpoint_round_trip_keeps_two_and_refuses_altered_bytes(tmp_path: Path) -> None:
+    import torch
+
+    location = checkpoints.checkpoint_location(str(tmp_path), "key")
+    history: list[dict] = []
+    for epoch in range(3):
+        history.append({"epoch": epoch + 1, "valid_loss": 1.0 / (epoch + 1)})
+        state = {"model": {"w": torch.full((2,), float(epoch))}, "opt": {"hypers": [{"lr": 0.1}]}}
+        checkpoints.save_checkpoint(location, epoch, state, history, lr=np.float64(0.01))
+    names = sorted(p.name for p in Path(location).iterdir())
+    assert names == ["epoch-1.pt", "epoch-2.pt", "latest.json"]  # only the newest two
+    ckpt = checkpoints.load_checkpoint(location)
+    assert ckpt is not None and ckpt.epochs_done == 3 and ckpt.lr == 0.01
+    assert [row["epoch"] for row in ckpt.history] == [1, 2, 3]
+    assert torch.equal(ckpt.state["model"]["w"], torch.full((2,), 2.0))
+
+    (Path(location) / "epoch-2.pt").write_bytes(b"not the bytes latest.json hashed")
+    with pytest.raises(checkpoints.CheckpointUnusable, match="sha256"):
+        checkpoints.load_checkpoint(location)
+    checkpoints.clear_checkpoints(location)
+    assert checkpoints.load_checkpoint(location) is None and not Path(location).exists()
+
+
+def test_checkpoint_with_an_object_is_never_unpickled(tmp_path: Path) -> None:
+    """A file whose sha256 matches but which holds arbitrary objects is refused by
+    torch.load(weights_only=True): hashes say the bytes are unchanged, not that they are safe."""
+    import io
+
+    import torch
+
+    location = checkpoints.checkpoint_location(str(tmp_path), "key")
+    checkpoints.save_checkpoint(location, 0, {"w": torch.zeros(1)}, [{"epoch": 1}], lr=0.1)
+    buf = io.BytesIO()
+    torch.save({"evil": Path("/etc/passwd")}, buf)
+    (Path(location) / "epoch-0.pt").write_bytes(buf.getvalue())
+    latest = json.loads((Path(location) / "latest.json").read_text())
+    latest["sha256"] = sha256_bytes(buf.getvalue())
+    (Path(location) / "latest.json").write_text(json.dumps(latest))
+    with pytest.raises(checkpoints.CheckpointUnusable, match="safely"):
+        checkpoints.load_checkpoint(location)
+
+
+def test_a_crashed_training_resumes_at_the_next_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
+    params = shapes_train_params(img_size=32, epochs=3, batch_size=32, lr=1e-2, device="cpu")
+    location = str(tmp_path / "ckpt")
+    with pytest.raises(_Crash):
+        learner.train(tiny_dataset, params, checkpoint_dir=location, on_epoch=_crash_at(2))
+    saved = checkpoints.load_checkpoint(location)
+    assert saved is not None and saved.epochs_done == 1  # epoch 2 crashed before its checkpoint
+
+    seen: list[dict] = []
+    result = learner.train(tiny_dataset, params, checkpoint_dir=location, on_epoch=seen.append)
+    assert result.resumed_at_epoch == 1
+    assert [row["epoch"] for row in seen] == [2, 3]  # only the epochs not done before
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.history[0] == saved.history[0]
+    assert all(np.isfinite(row["valid_loss"]) for row in result.history)
+    final = checkpoints.load_checkpoint(location)
+    assert final is not None and final.epochs_done == 3
+
+
+def test_an_altered_checkpoint_trains_from_epoch_0(
+    tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = shapes_train_params(img_size=32, epochs=2, batch_size=32, lr=1e-2, device="cpu")
+    location = str(tmp_path / "ckpt")
+    with pytest.raises(_Crash):
+        learner.train(tiny_dataset, params, checkpoint_dir=location, on_epoch=_crash_at(2))
+    (tmp_path / "ckpt" / "epoch-0.pt").write_bytes(b"\0" * 64)
+    with caplog.at_level("WARNING", logger="multitag.training.learner"):
+        result = learner.train(tiny_dataset, params, checkpoint_dir=location)
+    assert "not resuming" in caplog.text and "sha256" in caplog.text
+    assert result.resumed_at_epoch == 0
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+class _FakeLearner:
+    """Records what `_fit` asks of fastai, with the callbacks' phase settings at each fit."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def freeze(self) -> None:
+        self.calls.append(("freeze",))
+
+    def unfreeze(self) -> None:
+        self.calls.append(("unfreeze",))
+
+    def fit_one_cycle(self, n_epoch: int, lr: object, *, cbs: list, start_epoch: int, **kw) -> None:
+        ckpt = next(cb for cb in cbs if isinstance(cb, learner._Checkpointer))
+        self.calls.append(("fit", n_epoch, start_epoch, ckpt.offset, ckpt.skip_to))
+
+
+@pytest.mark.parametrize(
+    ("start", "frozen_fit", "unfrozen_fit"),
+    [
+        (0, ("fit", 2, 0, 0, 0), ("fit", 3, 0, 2, 0)),
+        (1, ("fit", 2, 1, 0, 1), ("fit", 3, 0, 2, 0)),  # killed in the frozen phase
+        (2, ("fit", 2, 2, 0, 2), ("fit", 3, 0, 2, 0)),  # frozen phase done
+        (4, ("fit", 2, 2, 0, 2), ("fit", 3, 2, 2, 2)),  # killed in the unfrozen phase
+    ],
+)
+def test_fine_tune_resume_splits_the_run_epoch_between_its_phases(
+    start: int, frozen_fit: tuple, unfrozen_fit: tuple
+) -> None:
+    params = TrainParams(arch="resnet18", pretrained=True, epochs=3, freeze_epochs=2)
+    fake = _FakeLearner()
+    cbs = [learner._EpochReporter([], None), learner._Checkpointer("unused", [], 0.01)]
+    learner._fit(fake, params, 0.01, cbs, start)
+    assert fake.calls == [("freeze",), frozen_fit, ("unfreeze",), unfrozen_fit]
+    assert cbs[0].skip_to == cbs[1].skip_to
+
+
+@pytest.mark.parametrize(
+    ("exc", "retry"),
+    [
+        (ConnectionResetError("peer reset"), True),
+        (TimeoutError("read timed out"), True),
+        (OSError(28, "No space left on device"), True),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+        (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed."), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (FileNotFoundError("train/img_1.png"), False),
+        (learner.TrainingError("train.csv has no labels at all"), False),
+        (ValueError("bad value"), False),
+    ],
+)
+def test_only_infrastructure_failures_are_retried(exc: BaseException, retry: bool) -> None:
+    assert checkpoints.is_infrastructure_failure(exc) is retry
+
+
+def test_train_model_task_retries_infrastructure_failures_only() -> None:
+    from tasks import retrain
+
+    class State:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def result(self) -> None:
+            raise self.exc
+
+    assert retrain.train_model.retries == 2
+    assert retrain.train_model.retry_condition_fn is not None
+    assert retrain.train_model.retry_condition_fn(None, None, State(ConnectionError("x")))
+    assert not retrain.train_model.retry_condition_fn(None, None, State(ValueError("x")))
+
+
+@pytest.mark.parametrize("pool", ["cpu-kubernetes.json", "gpu-kubernetes.json"])
+def test_kubernetes_pools_recreate_a_preempted_pod_as_often_as_the_task_retries(pool: str) -> None:
+    """A pod lost to pre-emption is re-created (backoffLimit) and resumes from the checkpoint;
+    SIGTERM hands the run to that re-creation instead of marking it Crashed."""
+    from prefect.utilities.templating import apply_values
+
+    from tasks import retrain
+
+    template = json.loads((Path(__file__).parents[2] / "infra" / "work-pools" / pool).read_text())
+    props = template["variables"]["properties"]
+    defaults = {name: spec["default"] for name, spec in props.items() if "default" in spec}
+    rendered = apply_values(template["job_configuration"], defaults)
+    assert rendered["job_manifest"]["spec"]["backoffLimit"] == retrain.train_model.retries == 2
+    assert props["env"]["default"]["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "relinquish"
