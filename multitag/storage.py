@@ -16,6 +16,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +122,30 @@ def is_conditional_conflict(exc: BaseException) -> bool:
     s3fs has no mapping for this code and raises a plain `OSError(EIO)` whose `__cause__`
     is botocore's `ClientError`; its `response` names the code and the HTTP status.
     """
+    for response in s3_responses(exc):
+        code = (response.get("Error") or {}).get("Code")
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if code == "ConditionalRequestConflict" or (code is None and status == 409):
+            return True
+    return False
+
+
+def s3_responses(exc: BaseException) -> Iterator[dict[str, Any]]:
+    """The botocore `ClientError.response` dicts behind `exc`, nearest first.
+
+    Why walk the chain: s3fs re-raises S3 errors as OSError, PermissionError or
+    FileNotFoundError and keeps botocore's ClientError as `__cause__` (or `__context__`); its
+    `response` holds the S3 error code and HTTP status, which tell a fact about an object
+    from weather (storage, tagging's read faults and dataset pulls all ask).
+    """
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         response = getattr(cur, "response", None)
         if isinstance(response, dict):
-            code = (response.get("Error") or {}).get("Code")
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if code == "ConditionalRequestConflict" or (code is None and status == 409):
-                return True
+            yield response
         cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def remove(uri: str) -> None:

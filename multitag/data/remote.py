@@ -28,7 +28,7 @@ from fsspec import AbstractFileSystem
 from multitag.data.archives import ARCHIVE_SUFFIXES, ArchiveLimits, DatasetError, archive_stem
 from multitag.data.cache import read_manifest
 from multitag.data.fingerprint import is_ours, listing_sha256
-from multitag.storage import fs_and_path
+from multitag.storage import fs_and_path, s3_responses
 
 # Where a store keeps what changes when an object's bytes do, most specific first: S3's
 # ETag (md5 of a single-part upload), GCS's md5Hash/crc32c, Azure's etag; a modification
@@ -325,12 +325,7 @@ def store_error(url: str, action: str, exc: BaseException) -> DatasetError:
 
 def s3_error_code(exc: BaseException) -> str | None:
     """The S3 error code of the botocore ClientError behind `exc` (s3fs keeps it as a cause)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        response = getattr(cur, "response", None)
-        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+    for response in s3_responses(exc):
+        if isinstance(response.get("Error"), dict):
             return str(response["Error"].get("Code") or "") or None
-        cur = cur.__cause__ or cur.__context__
     return None

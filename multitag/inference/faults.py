@@ -15,6 +15,7 @@ import errno
 from dataclasses import dataclass
 
 from multitag.errors import InputError, RunFailedError
+from multitag.storage import s3_responses
 
 
 class TaggingError(InputError):
@@ -158,17 +159,12 @@ def classify_read_error(exc: BaseException) -> ReadFailure:
 
 def _s3_error(exc: BaseException) -> tuple[str, int, str] | None:
     """(code, HTTP status, message) of the botocore ClientError behind `exc`, if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        response = getattr(cur, "response", None)
-        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+    for response in s3_responses(exc):
+        if isinstance(response.get("Error"), dict):
             err = response["Error"]
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             code = str(err.get("Code") or status or "unknown")
             return code, int(status), str(err.get("Message") or "")
-        cur = cur.__cause__ or cur.__context__
     return None
 
 
