@@ -187,7 +187,8 @@ def list_versions(home: str | None) -> list[dict[str, Any]]:
 
     Each entry: version, name (the model name; see `multitag.registry.naming` for versions
     from before names), created (UTC ISO time), complete (SHA256SUMS present), is_champion
-    (of its name), metrics (numeric headline values of metrics["validation"]), problem (why
+    (of its name), metrics (numeric headline values of metrics["validation"]), dataset_sha256
+    (the lineage hash of the data it was trained on, or None), problem (why
     it cannot be used as is, or None), uri.
     """
     root = models_uri(home)
@@ -226,6 +227,8 @@ def _version_summary(vdir: str, version: str, champion_versions: set[str]) -> di
         "complete": SUMS_FILE in present,
         "is_champion": version in champion_versions,
         "metrics": headline,
+        # What `find_version_trained_on` matches first, so it reads no other version's file.
+        "dataset_sha256": dataset_sha256_of(metrics) if isinstance(metrics, dict) else None,
         "problem": problem,
         "uri": vdir,
     }
@@ -333,13 +336,14 @@ def find_version_trained_on(
             continue
         if name is not None and entry.get(NAME_KEY) not in (None, name):
             continue
+        if entry.get("dataset_sha256") != dataset_sha256:  # list_versions read it already
+            continue
         try:
             metrics = loads_json(read_bytes(join(entry["uri"], METRICS_FILE)), METRICS_FILE)
         except (RegistryError, OSError):
             continue
         if (
             isinstance(metrics, dict)
-            and dataset_sha256_of(metrics) == dataset_sha256
             and _as_json(metrics.get("params")) == want_train
             and _as_json(metrics.get(THRESHOLD_PARAMS_KEY)) == want_thresholds
         ):
